@@ -1,0 +1,60 @@
+"""Model names clients use, and the engine adapter each one resolves to.
+
+    "<served>"        the live adapter (the base model until one is live)
+    "<served>@base"   the base model
+    "<served>@vN"     adapter version N, pinned (also accepted as "<served>-vN", the name
+                      responses carry, so a client can echo it back)
+
+Engine adapter names are "<served>-v<N>" and are never reused for other weights: vLLM keys its
+prefix cache by adapter name, so reloading changed weights under an old name would serve stale
+cache blocks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+class UnknownModel(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class Route:
+    alias: str  # what the client asked for
+    engine_model: str  # what vLLM's serving layer is given ("<served>" = base)
+    adapter_version: int | None  # None = base
+
+
+class AliasTable:
+    """Resolution is a dict lookup on the request path; moves replace the live version
+    atomically (one attribute assignment), so in-flight requests keep the route they got."""
+
+    def __init__(self, served_name: str) -> None:
+        self.served_name = served_name
+        self.live_version: int | None = None
+        self.loaded: set[int] = set()
+        self._pattern = re.compile(rf"^{re.escape(served_name)}(?:@v|-v)(\d+)$")
+
+    def engine_name(self, version: int) -> str:
+        return f"{self.served_name}-v{version}"
+
+    def resolve(self, model: str) -> Route:
+        if model == self.served_name:
+            version = self.live_version
+            engine = self.served_name if version is None else self.engine_name(version)
+            return Route(model, engine, version)
+        if model == f"{self.served_name}@base":
+            return Route(model, self.served_name, None)
+        if (match := self._pattern.match(model)) and int(match[1]) in self.loaded:
+            version = int(match[1])
+            return Route(model, self.engine_name(version), version)
+        raise UnknownModel(
+            f"The model '{model}' does not exist. Available: {', '.join(self.names())}."
+        )
+
+    def names(self) -> list[str]:
+        return [self.served_name, f"{self.served_name}@base"] + [
+            f"{self.served_name}@v{v}" for v in sorted(self.loaded)
+        ]

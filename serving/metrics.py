@@ -1,0 +1,48 @@
+"""The server's Prometheus metrics (prefix `dynalign_`, units in names, `_total` counters).
+
+vLLM's own engine metrics (`vllm:*`) are exported beside these on the same /metrics.
+"""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Latency buckets from 5 ms to 2 min: CPU serving of long completions sits at the top end.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+REQUESTS = Counter(
+    "dynalign_requests_total",
+    "Chat completion requests by requested model alias, serving adapter version and HTTP status.",
+    ["model", "adapter_version", "status"],
+)
+REQUEST_LATENCY = Histogram(
+    "dynalign_request_latency_seconds",
+    "Time from request receipt to the last byte of the response.",
+    ["model", "adapter_version"],
+    buckets=LATENCY_BUCKETS,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "dynalign_time_to_first_token_seconds",
+    "Streaming requests: time from receipt to the first content chunk.",
+    ["model", "adapter_version"],
+    buckets=LATENCY_BUCKETS,
+)
+TOKENS = Counter(
+    "dynalign_tokens_total", "Tokens processed, by kind (prompt, completion).", ["kind"]
+)
+INTERACTIONS_LOGGED = Counter(
+    "dynalign_interactions_logged_total", "Interaction records appended to the outbox."
+)
+INTERACTIONS_OPTED_OUT = Counter(
+    "dynalign_interactions_opted_out_total", "Served requests that opted out of training."
+)
+INTERACTIONS_PUBLISHED = Counter(
+    "dynalign_interactions_published_total", "Interaction records acknowledged by Kafka."
+)
+OUTBOX_DEPTH = Gauge(
+    "dynalign_outbox_depth_records", "Records in the outbox not yet acknowledged by Kafka."
+)
+OUTBOX_PUBLISH_ERRORS = Counter(
+    "dynalign_outbox_publish_errors_total", "Failed attempts to publish outbox records."
+)
+LIVE_ADAPTER_VERSION = Gauge(
+    "dynalign_live_adapter_version", "Adapter version the main alias serves (0 = base model)."
+)

@@ -1,0 +1,174 @@
+"""One typed config for every process: file (TOML/YAML) < environment (DYNALIGN_*) < CLI flags.
+
+Environment variables use `__` between sections: DYNALIGN_SERVING__PORT=8001,
+DYNALIGN_KAFKA__BOOTSTRAP=broker:9092, DYNALIGN_LEARNER__LR=1e-5. A file is named by
+DYNALIGN_CONFIG or `--config`. The learner's defaults are the paper's (Section 3.1); on a machine
+without a GPU, `cpu_sized()` shrinks only what must shrink for a newcomer to see a step quickly.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class ModelConfig(BaseModel):
+    # A hub id or local path; empty means the embedded default (SmolLM2-135M-Instruct from PyPI).
+    path: str = ""
+    served_name: str = "dynalign"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int | None = None  # None = the model's own limit
+    max_lora_rank: int = 16
+    max_loras: int = 4
+    enforce_eager: bool = False
+    gpu_memory_utilization: float = 0.45
+    seed: int = 0
+
+
+class KafkaConfig(BaseModel):
+    # Empty bootstrap = start the embedded Tansu broker (`dynalign up` only).
+    bootstrap: str = ""
+    topic_prefix: str = "dynalign"
+    partitions: int = 3
+
+    @property
+    def interactions_topic(self) -> str:
+        return f"{self.topic_prefix}.interactions"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.topic_prefix}.interactions.dlq"
+
+    @property
+    def adapters_topic(self) -> str:
+        return f"{self.topic_prefix}.adapters"
+
+
+class ServingConfig(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Chat API keys; empty list = no auth. Sent as `Authorization: Bearer <key>`.
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    # Requests larger than this are refused with 400 before any parsing.
+    max_request_bytes: int = 1 << 20
+    outbox_dir: Path = Path("runs/outbox")
+    outbox_fsync_interval_ms: int = 50
+    outbox_segment_bytes: int = 16 << 20
+    # Salt for hashing user identities (API key or `user` field) into InteractionRecord.user_hash.
+    user_hash_salt: SecretStr = SecretStr("dynalign")
+
+
+class LearnerConfig(BaseModel):
+    """GRPO settings; defaults are the paper's (Section 3.1)."""
+
+    group_size: int = 8  # G
+    batch_completions: int = 32  # completions per optimiser step (prompts = batch / G)
+    lr: float = 5e-6
+    clip_eps: float = 0.2
+    kl_beta: float = 0.04
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    max_prompt_tokens: int = 1024
+    reward_mode: Literal["greedy", "expected"] = "expected"
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: str | list[str] = "all-linear"
+    checkpoint_every_steps: int = 10  # K
+    max_grad_norm: float = 1.0
+    max_user_share: float = 0.25
+    dedupe_window: int = 10_000
+    consumer_group: str = "dynalign-learner"
+    metrics_port: int = 9401
+    train_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    seed: int = 0
+
+    def cpu_sized(self) -> "LearnerConfig":
+        """What a 2-core CPU can step within minutes; everything not listed stays the paper's."""
+        return self.model_copy(
+            update=dict(
+                batch_completions=16,
+                max_new_tokens=48,
+                checkpoint_every_steps=2,
+                train_dtype="float32",
+            )
+        )
+
+
+class RegistryConfig(BaseModel):
+    store: Path = Path("runs/adapters")
+    keep_loaded: int = 3
+
+
+class DynalignConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DYNALIGN_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Earlier sources win: flags (init) > environment > file.
+        return (init_settings, env_settings, _FileSource(settings_cls))
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """Reads the file named by DYNALIGN_CONFIG (TOML or YAML)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("DYNALIGN_CONFIG")
+        if not path:
+            return {}
+        text = Path(path).read_text()
+        if path.endswith((".yaml", ".yml")):
+            return yaml.safe_load(text) or {}
+        return tomllib.loads(text)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(config_file: Path | None = None, **flags: dict[str, Any]) -> DynalignConfig:
+    """Build the config; `flags` are per-section dicts of values given on the command line
+    (None values are dropped, so an unset flag never hides the file or environment)."""
+    if config_file is not None:
+        os.environ["DYNALIGN_CONFIG"] = str(config_file)
+    cleaned = {
+        section: {k: v for k, v in values.items() if v is not None}
+        for section, values in flags.items()
+    }
+    cleaned = {k: v for k, v in cleaned.items() if v}
+    if not cleaned:
+        return DynalignConfig()
+    # Init kwargs replace whole sections, so merge flags over what env/file would give.
+    lower = DynalignConfig().model_dump()
+    return DynalignConfig(**_deep_merge(lower, cleaned))

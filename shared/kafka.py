@@ -1,0 +1,146 @@
+"""Kafka plumbing shared by the server, the learner and the control plane.
+
+Code speaks only the Kafka protocol (kafka-python), so the same paths run against Apache Kafka
+(KRaft) in deployment and against the embedded Tansu broker on one machine.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from shared.config import KafkaConfig
+
+# A consumer group's first join waits out these timeouts; the client defaults made it ~23 s.
+FAST_GROUP_TIMEOUTS = dict(
+    session_timeout_ms=6000, heartbeat_interval_ms=1000, max_poll_interval_ms=300_000
+)
+
+
+def ensure_topics(cfg: KafkaConfig, timeout_s: float = 30.0) -> None:
+    """Create the project's topics if absent (idempotent; safe from every process at start-up)."""
+    wanted = {
+        cfg.interactions_topic: {"num_partitions": cfg.partitions},
+        cfg.dlq_topic: {"num_partitions": 1},
+        # The control feed: keyed by adapter/alias, compaction keeps the latest state per key.
+        cfg.adapters_topic: {"num_partitions": 1, "configs": {"cleanup.policy": "compact"}},
+    }
+    admin = _retry_connect(lambda: KafkaAdminClient(bootstrap_servers=cfg.bootstrap), timeout_s)
+    try:
+        existing = set(admin.list_topics())
+        missing = {name: {**opts, "replication_factor": 1} for name, opts in wanted.items()
+                   if name not in existing}
+        if missing:
+            try:
+                admin.create_topics(missing, raise_errors=False, wait_for_metadata=True)
+            except TopicAlreadyExistsError:  # another process won the race
+                pass
+    finally:
+        admin.close()
+
+
+def _retry_connect(factory, timeout_s: float):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return factory()
+        except KafkaError:  # no broker reachable yet (the name varies across versions)
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
+    """acks=all with idempotence (kafka-python's default): a batch the client retries is never
+    written twice by the broker. Keys and values are bytes; callers serialise."""
+    options: dict[str, Any] = dict(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    options.update(overrides)
+    return KafkaProducer(**options)
+
+
+def consumer(bootstrap: str, group_id: str | None, **overrides: Any) -> KafkaConsumer:
+    options: dict[str, Any] = dict(
+        bootstrap_servers=bootstrap,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        **(FAST_GROUP_TIMEOUTS if group_id else {}),
+    )
+    options.update(overrides)
+    return KafkaConsumer(**options)
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class EmbeddedBroker:
+    """Tansu (Kafka protocol, in-memory storage) as a child process, for `dynalign up` and tests.
+
+    In-memory means it keeps nothing across its own restart: the interaction outbox and the
+    adapter registry's files are what make the system converge again."""
+
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 20.0) -> "EmbeddedBroker":
+        from shared.assets import tansu_binary
+
+        url = f"tcp://127.0.0.1:{self.port}"
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            [str(tansu_binary()), "broker", "--listener-url", url,
+             "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+            stdout=log, stderr=log,
+        )
+        deadline = time.monotonic() + timeout_s
+        while not _port_open(self.port):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tansu exited with {self.process.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tansu did not listen on {self.port} in {timeout_s}s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _port_open(port: int) -> bool:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+__all__ = [
+    "EmbeddedBroker", "KafkaError", "ensure_topics", "free_port", "consumer", "producer",
+]

@@ -1,0 +1,67 @@
+"""Records that cross process boundaries (Kafka topics, the outbox, the adapter store).
+
+Every record carries `schema_version`; a producer also puts it in the Kafka header
+`schema-version` so a consumer can route a record it cannot read to the dead-letter topic
+without parsing the body.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+INTERACTION_SCHEMA_VERSION = 1
+SCHEMA_VERSION_HEADER = "schema-version"
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class SamplingParams(BaseModel):
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    n: int = 1
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class Choice(BaseModel):
+    index: int
+    content: str
+    finish_reason: str | None = None
+
+
+class InteractionRecord(BaseModel):
+    """One served chat completion, as the learner will replay it.
+
+    `messages` are the request's messages as the client sent them (OpenAI chat format);
+    `adapter_version` is None when the base model served the request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = INTERACTION_SCHEMA_VERSION
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    conversation_id: str
+    created_at: datetime
+    served_at: datetime
+    model_alias: str
+    adapter_version: int | None
+    user_hash: str
+    messages: list[dict[str, Any]]
+    response: list[Choice]
+    sampling: SamplingParams
+    usage: Usage
+    latency_ms: float
+    ttft_ms: float | None
+    finish_reason: str | None
