@@ -40,14 +40,18 @@ def _run_server(cfg: DynalignConfig) -> None:
     from serving.server import create_app
     from shared.kafka import ensure_topics, producer
 
-    ensure_topics(cfg.kafka)
+    def connect():
+        # Called on every (re)connect: a broker that came back empty gets its topics again.
+        # Short timeouts let the forwarder notice an outage quickly and back off; requests
+        # never wait on it.
+        ensure_topics(cfg.kafka, timeout_s=5)
+        return producer(cfg.kafka.bootstrap, max_block_ms=5000, request_timeout_ms=5000,
+                        delivery_timeout_ms=10000)
+
     outbox = Outbox(
         cfg.serving.outbox_dir,
         cfg.kafka.interactions_topic,
-        # Short timeouts: while the broker is away the forwarder should notice quickly and
-        # back off; requests never wait on it.
-        lambda: producer(cfg.kafka.bootstrap, max_block_ms=5000, request_timeout_ms=5000,
-                         delivery_timeout_ms=10000),
+        connect,
         fsync_interval_ms=cfg.serving.outbox_fsync_interval_ms,
         segment_bytes=cfg.serving.outbox_segment_bytes,
     )

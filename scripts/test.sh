@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install everything, then run the whole test suite (slow tests included: they start the real
+# vLLM engine, a real Kafka-protocol broker and a real Prometheus).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+if ! command -v prometheus >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq prometheus >/dev/null) || echo "prometheus: apt install failed"
+  fi
+fi
+. .venv/bin/activate
+set +e
+python -m pytest "$@"
+rc=$?
+set -e
+# pytest exits 5 when it collected no test: that is a failure here, not a pass.
+[ "$rc" = 5 ] && { echo "pytest collected no tests"; exit 1; }
+exit "$rc"

@@ -1,0 +1,142 @@
+"""Shared fixtures: a real Kafka-protocol broker, the tiny model, and a real dynalign server
+process (vLLM engine inside) reached over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import httpx
+import pytest
+from kafka import TopicPartition
+
+from shared.config import KafkaConfig
+from shared.kafka import EmbeddedBroker, consumer, ensure_topics, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "test-key"
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from shared.assets import tiny_model_dir
+
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="session")
+def broker():
+    with EmbeddedBroker() as b:
+        ensure_topics(KafkaConfig(bootstrap=b.bootstrap))
+        yield b
+
+
+@dataclass
+class ServerProcess:
+    base_url: str
+    process: subprocess.Popen
+    log_path: Path
+    outbox_dir: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(2)  # Ctrl-C: the clean shutdown path
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.base_url}/metrics").text
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+
+def start_server(workdir: Path, model: Path, bootstrap: str, *, verb: str = "serve",
+                 env: dict[str, str] | None = None, timeout_s: float = 300) -> ServerProcess:
+    port = free_port()
+    outbox = workdir / "outbox"
+    log_path = workdir / "server.log"
+    full_env = {
+        **os.environ,
+        "DYNALIGN_MODEL__MAX_MODEL_LEN": "512",
+        "DYNALIGN_SERVING__OUTBOX_DIR": str(outbox),
+        "DYNALIGN_SERVING__API_KEYS": json.dumps([API_KEY]),
+        "DYNALIGN_SERVING__MAX_REQUEST_BYTES": str(256 * 1024),
+        **(env or {}),
+    }
+    args = [sys.executable, "-m", "dynalign", verb, "--port", str(port)]
+    if str(model):
+        args += ["--model", str(model)]
+    if bootstrap:
+        args += ["--kafka", bootstrap]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(args, cwd=workdir, env=full_env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    server = ServerProcess(f"http://127.0.0.1:{port}", process, log_path, outbox)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            raise TimeoutError(f"server not healthy:\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_model, broker):
+    server = start_server(tmp_path_factory.mktemp("server"), tiny_model, broker.bootstrap)
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def read_records(bootstrap: str, topic: str, keep: Callable[[dict], bool], expected: int,
+                 timeout_s: float = 60, settle_s: float = 0.0) -> list[tuple[dict, dict]]:
+    """Read the topic from the beginning until `expected` kept records are in (or time out);
+    then keep reading for `settle_s` to catch extras. Returns (record, headers) pairs."""
+    c = consumer(bootstrap, group_id=None)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not (known := c.partitions_for_topic(topic)):  # a restarted broker starts empty
+            assert time.monotonic() < deadline, f"topic {topic} never appeared"
+            time.sleep(0.2)
+        partitions = [TopicPartition(topic, p) for p in known]
+        c.assign(partitions)
+        c.seek_to_beginning(*partitions)
+        found: list[tuple[dict, dict]] = []
+        settle_until = None
+        while time.monotonic() < deadline:
+            for batch in c.poll(timeout_ms=200).values():
+                for message in batch:
+                    record = json.loads(message.value)
+                    if keep(record):
+                        found.append((record, {k: v.decode() for k, v in message.headers}))
+            if len(found) >= expected:
+                settle_until = settle_until or time.monotonic() + settle_s
+                if time.monotonic() >= settle_until:
+                    break
+        return found
+    finally:
+        c.close()
