@@ -29,29 +29,40 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     return str(smollm2_dir())
 
 
-def vllm_cli_args(cfg: ModelConfig) -> list[str]:
-    """Arguments for `vllm serve` (without host/port) that match our engine."""
-    # CPUs without bf16 units (AVX2) run float32 ~5x faster than bfloat16.
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("auto" if has_gpu() else "float32")
-    args = [
-        resolve_model_path(cfg),
-        "--served-model-name", cfg.served_name,
-        "--dtype", dtype,
-        "--enable-lora",
-        "--max-lora-rank", str(cfg.max_lora_rank),
-        "--max-loras", str(cfg.max_loras),
-        "--seed", str(cfg.seed),
-        "--disable-log-stats",
-    ]
+def engine_kwargs(cfg: ModelConfig, max_loras: int | None = None) -> dict:
+    """vLLM EngineArgs for our engine: the server (as `vllm serve` flags) and the learner's
+    rollout engine (as `vllm.LLM(**kwargs)`) both take them from here."""
+    gpu = has_gpu()
+    kwargs = dict(
+        model=resolve_model_path(cfg),
+        # CPUs without bf16 units (AVX2) run float32 ~5x faster than bfloat16.
+        dtype=cfg.dtype if cfg.dtype != "auto" else ("auto" if gpu else "float32"),
+        enable_lora=True,
+        max_lora_rank=cfg.max_lora_rank,
+        max_loras=max_loras or cfg.max_loras,
+        seed=cfg.seed,
+        enforce_eager=cfg.enforce_eager or not gpu,
+    )
     if cfg.max_model_len:
-        args += ["--max-model-len", str(cfg.max_model_len)]
-    if cfg.enforce_eager or not has_gpu():
-        args.append("--enforce-eager")
-    if has_gpu():
-        args += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
+        kwargs["max_model_len"] = cfg.max_model_len
+    if gpu:
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     else:
-        # vLLM's CPU backend sizes its KV cache from this (GiB); 1 GiB holds our test loads.
+        # vLLM's CPU backend sizes its KV cache from this (GiB); 1 GiB holds our loads.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return kwargs
+
+
+def vllm_cli_args(cfg: ModelConfig) -> list[str]:
+    """Arguments for `vllm serve` (model first, without host/port) that match our engine."""
+    kwargs = engine_kwargs(cfg)
+    args = [kwargs.pop("model"), "--served-model-name", cfg.served_name, "--disable-log-stats"]
+    for key, value in kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is not False:
+            args += [flag, str(value)]
     return args
 
 

@@ -46,3 +46,11 @@ OUTBOX_PUBLISH_ERRORS = Counter(
 LIVE_ADAPTER_VERSION = Gauge(
     "dynalign_live_adapter_version", "Adapter version the main alias serves (0 = base model)."
 )
+ADAPTER_SWAPS = Counter(
+    "dynalign_adapter_swaps_total", "Alias moves applied by this server (promote or rollback)."
+)
+ADAPTER_SWAP_FAILURES = Counter(
+    "dynalign_adapter_swap_failures_total",
+    "Adapter versions this server refused or failed to load, by reason.", ["reason"],
+)
+ADAPTERS_LOADED = Gauge("dynalign_adapters_loaded", "Adapter versions loaded in the engine.")

@@ -91,14 +91,12 @@ class LearnerConfig(BaseModel):
     seed: int = 0
 
     def cpu_sized(self) -> "LearnerConfig":
-        """What a 2-core CPU can step within minutes; everything not listed stays the paper's."""
+        """What a 2-core CPU can step within minutes. Only settings the user did not set are
+        changed; everything else stays the paper's."""
+        smaller = dict(batch_completions=16, max_new_tokens=48, checkpoint_every_steps=2,
+                       train_dtype="float32")
         return self.model_copy(
-            update=dict(
-                batch_completions=16,
-                max_new_tokens=48,
-                checkpoint_every_steps=2,
-                train_dtype="float32",
-            )
+            update={k: v for k, v in smaller.items() if k not in self.model_fields_set}
         )
 
 
@@ -147,28 +145,15 @@ class _FileSource(PydanticBaseSettingsSource):
         return tomllib.loads(text)
 
 
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def load_config(config_file: Path | None = None, **flags: dict[str, Any]) -> DynalignConfig:
     """Build the config; `flags` are per-section dicts of values given on the command line
-    (None values are dropped, so an unset flag never hides the file or environment)."""
+    (None values are dropped, so an unset flag never hides the file or environment). Sections
+    remember which fields were set explicitly (pydantic's model_fields_set)."""
     if config_file is not None:
         os.environ["DYNALIGN_CONFIG"] = str(config_file)
-    cleaned = {
-        section: {k: v for k, v in values.items() if v is not None}
-        for section, values in flags.items()
-    }
-    cleaned = {k: v for k, v in cleaned.items() if v}
-    if not cleaned:
-        return DynalignConfig()
-    # Init kwargs replace whole sections, so merge flags over what env/file would give.
-    lower = DynalignConfig().model_dump()
-    return DynalignConfig(**_deep_merge(lower, cleaned))
+    cfg = DynalignConfig()
+    for section, values in flags.items():
+        given = {k: v for k, v in values.items() if v is not None}
+        if given:
+            setattr(cfg, section, getattr(cfg, section).model_copy(update=given))
+    return cfg

@@ -1,0 +1,270 @@
+"""Where training prompts come from: the interaction log (Kafka), or a static prompt file.
+
+A training prompt is a conversation up to its last user turn (the user's own system prompt kept).
+Records that cannot be read go to the dead-letter topic with a named reason; records that are
+readable but unfit for training are skipped and counted by reason. Offsets are committed only
+after the checkpoint that used them is on disk (see learner.loop).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+from kafka import OffsetAndMetadata, TopicPartition
+from pydantic import ValidationError
+
+from learner import metrics
+from shared.config import DynalignConfig
+from shared.kafka import consumer, producer
+from shared.schemas import INTERACTION_SCHEMA_VERSION, SCHEMA_VERSION_HEADER, InteractionRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingPrompt:
+    record_id: str
+    user_hash: str
+    messages: list[dict[str, Any]]
+
+
+@dataclass
+class PromptBatch:
+    prompts: list[TrainingPrompt]
+    # Next offset to read per "topic:partition" once this batch is trained on (Kafka's commit
+    # convention); empty for file sources.
+    next_offsets: dict[str, int] = field(default_factory=dict)
+
+
+class PromptSource(Protocol):
+    def next_batch(self, size: int, max_idle_polls: int | None = None) -> PromptBatch | None: ...
+    def lag(self) -> int: ...
+    def commit(self, next_offsets: dict[str, int]) -> None: ...
+    def close(self) -> None: ...
+
+
+# -- record → prompt ----------------------------------------------------------------------------
+class Unusable(Exception):
+    """A readable record that cannot become a training prompt; `reason` is a metric label."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def training_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation up to and including its last user turn; text content only."""
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    if last_user is None:
+        raise Unusable("no_user_turn")
+    kept = messages[: last_user + 1]
+    for message in kept:
+        content = message.get("content")
+        if isinstance(content, list):
+            if any(part.get("type") != "text" for part in content):
+                raise Unusable("non_text_content")
+        elif not isinstance(content, str):
+            raise Unusable("non_text_content")
+    return [{"role": m["role"], "content": m["content"]} for m in kept]
+
+
+class PromptFilter:
+    """Deduplication over a sliding window (record ids and prompt hashes), a prompt length limit,
+    and a cap on one user's share of a batch."""
+
+    def __init__(self, count_tokens: Callable[[list[dict]], int], max_prompt_tokens: int,
+                 window: int, max_user_share: float | None) -> None:
+        self.count_tokens = count_tokens
+        self.max_prompt_tokens = max_prompt_tokens
+        self.window = window
+        self.max_user_share = max_user_share
+        self._seen: OrderedDict[str, None] = OrderedDict()
+
+    def _remember(self, key: str) -> bool:
+        """True if `key` was seen within the window."""
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            return True
+        self._seen[key] = None
+        if len(self._seen) > self.window:
+            self._seen.popitem(last=False)
+        return False
+
+    def check(self, prompt: TrainingPrompt) -> None:
+        digest = hashlib.sha256(json.dumps(prompt.messages, sort_keys=True).encode()).hexdigest()
+        duplicate_id = self._remember("id:" + prompt.record_id)
+        if duplicate_id or self._remember("prompt:" + digest):
+            raise Unusable("duplicate")
+        if self.count_tokens(prompt.messages) > self.max_prompt_tokens:
+            raise Unusable("too_long")
+
+    def user_cap(self, batch_size: int) -> int:
+        if not self.max_user_share or self.max_user_share >= 1:
+            return batch_size
+        return max(1, math.floor(self.max_user_share * batch_size))
+
+
+# -- Kafka --------------------------------------------------------------------------------------
+def _key(tp_or_message) -> str:
+    return f"{tp_or_message.topic}:{tp_or_message.partition}"
+
+
+def _partition(key: str) -> TopicPartition:
+    topic, partition = key.rsplit(":", 1)
+    return TopicPartition(topic, int(partition))
+
+
+class KafkaPromptSource:
+    def __init__(self, cfg: DynalignConfig, prompt_filter: PromptFilter,
+                 start_offsets: dict[str, int] | None = None, poll_timeout_s: float = 1.0) -> None:
+        self.cfg = cfg
+        self.topic = cfg.kafka.interactions_topic
+        self.filter = prompt_filter
+        self.poll_timeout_ms = int(poll_timeout_s * 1000)
+        self.consumer = consumer(cfg.kafka.bootstrap, cfg.learner.consumer_group)
+        self.dlq = producer(cfg.kafka.bootstrap)
+        self._next: dict[str, int] = {}
+        self._pending: Iterator = iter(())
+        if start_offsets:
+            self._assign_from(start_offsets)
+        else:
+            self.consumer.subscribe([self.topic])
+
+    def _assign_from(self, offsets: dict[str, int]) -> None:
+        """Resume exactly where a checkpoint says, whatever the group committed."""
+        partitions = self.consumer.partitions_for_topic(self.topic) or set()
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        self.consumer.assign(tps)
+        for tp in tps:
+            key = _key(tp)
+            if key in offsets:
+                self.consumer.seek(tp, offsets[key])
+            else:
+                self.consumer.seek_to_beginning(tp)
+
+    def _messages(self):
+        while True:
+            for message in self._pending:
+                yield message
+            batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
+            if not batches:
+                yield None  # nothing new now: let the caller decide to wait or return
+                continue
+            self._pending = iter([m for b in batches.values() for m in b])
+
+    def next_batch(self, size: int, max_idle_polls: int | None = None) -> PromptBatch | None:
+        """Block until `size` usable prompts (respecting the per-user cap) have been read;
+        None if `max_idle_polls` polls in a row bring nothing."""
+        prompts: list[TrainingPrompt] = []
+        per_user: Counter[str] = Counter()
+        cap = self.filter.user_cap(size)
+        idle = 0
+        for message in self._messages():
+            if message is None:
+                idle += 1
+                if max_idle_polls is not None and idle >= max_idle_polls:
+                    return None
+                continue
+            idle = 0
+            self._next[_key(message)] = message.offset + 1
+            prompt = self._read(message)
+            if prompt is None:
+                continue
+            if per_user[prompt.user_hash] >= cap:
+                metrics.RECORDS_SKIPPED.labels("user_share").inc()
+                continue
+            per_user[prompt.user_hash] += 1
+            prompts.append(prompt)
+            if len(prompts) == size:
+                return PromptBatch(prompts, dict(self._next))
+        raise AssertionError("unreachable")
+
+    def _read(self, message) -> TrainingPrompt | None:
+        metrics.RECORDS_CONSUMED.inc()
+        headers = {k: v for k, v in message.headers or []}
+        version = headers.get(SCHEMA_VERSION_HEADER, b"").decode(errors="replace")
+        if version != str(INTERACTION_SCHEMA_VERSION):
+            return self._dead_letter(message, f"unsupported_schema_version:{version or 'missing'}")
+        try:
+            record = InteractionRecord.model_validate_json(message.value)
+        except ValidationError as exc:
+            return self._dead_letter(message, f"invalid_record: {exc.errors()[0]['msg']} "
+                                              f"at {exc.errors()[0]['loc']}")
+        try:
+            prompt = TrainingPrompt(record.id, record.user_hash, training_messages(record.messages))
+            self.filter.check(prompt)
+        except Unusable as skip:
+            metrics.RECORDS_SKIPPED.labels(skip.reason).inc()
+            return None
+        return prompt
+
+    def _dead_letter(self, message, reason: str) -> None:
+        """Keep the original bytes and say why; the learner goes on."""
+        log.warning("dead-letter %s:%d@%d: %s", message.topic, message.partition,
+                    message.offset, reason)
+        metrics.RECORDS_DEAD_LETTERED.inc()
+        self.dlq.send(
+            self.cfg.kafka.dlq_topic, key=message.key, value=message.value,
+            headers=[("reason", reason.encode()),
+                     ("source", f"{message.topic}:{message.partition}@{message.offset}".encode()),
+                     *(message.headers or [])],
+        ).get(timeout=30)
+        return None
+
+    def commit(self, next_offsets: dict[str, int]) -> None:
+        if not next_offsets:
+            return
+        self.consumer.commit({_partition(key): OffsetAndMetadata(offset, "", -1)
+                              for key, offset in next_offsets.items()})
+
+    def lag(self) -> int:
+        assigned = self.consumer.assignment()
+        if not assigned:
+            return 0
+        ends = self.consumer.end_offsets(list(assigned))
+        return sum(max(0, end - self.consumer.position(tp)) for tp, end in ends.items())
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.dlq.close()
+
+
+# -- static prompt file (the paper's setting; bootstraps before traffic arrives) ------------------
+class FilePromptSource:
+    """JSONL with either {"messages": [...]} or {"prompt": "..."} per line; cycles forever.
+    Its position is reported as the offset of a pseudo-partition "file:0", so checkpoints
+    resume it like a Kafka source."""
+
+    def __init__(self, path: Path, start_offsets: dict[str, int] | None = None) -> None:
+        self.prompts = []
+        for i, line in enumerate(Path(path).read_text().splitlines()):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+            self.prompts.append(TrainingPrompt(row.get("id", f"{path}:{i}"), "file",
+                                               training_messages(messages)))
+        if not self.prompts:
+            raise ValueError(f"{path}: no prompts")
+        self._cursor = (start_offsets or {}).get("file:0", 0)
+
+    def next_batch(self, size: int, max_idle_polls: int | None = None) -> PromptBatch:
+        batch = [self.prompts[(self._cursor + i) % len(self.prompts)] for i in range(size)]
+        self._cursor += size
+        return PromptBatch(batch, {"file:0": self._cursor})
+
+    def lag(self) -> int:
+        return 0
+
+    def commit(self, next_offsets: dict[str, int]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,226 @@
+"""The learner's recipe: one typed config drives an explicit loop (paper Algorithm 1, fed by the
+interaction log instead of a static prompt set).
+
+    for each batch of prompts (batch_completions / G of them):
+        rollout   G candidates per prompt, CA system prompt prepended     (vLLM, current adapter)
+        reward    the same policy scores each candidate 0-5               (vLLM, greedy|expected)
+        update    group advantages → clipped GRPO loss + β·KL to base,    (torch + PEFT)
+                  on the prompt WITHOUT the CA system prompt
+        sync      save the adapter, load it into vLLM under a new name
+        every K steps: checkpoint → candidate adapter version → commit Kafka offsets
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from learner import checkpoint, metrics
+from learner.checkpoint import CheckpointState
+from learner.consumer import PromptSource
+from learner.grpo import collate, group_advantages, training_inputs
+from learner.policy import apply_lora, grpo_step, lora_layers, make_optimizer
+from learner.rollout import Completion, RolloutEngine
+from shared.config import DynalignConfig
+from shared.registry import AdapterStore
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[[Sequence[list[dict[str, Any]]], Sequence[Sequence[Completion]]],
+                    list[list[float | None]]]
+SourceFactory = Callable[[dict[str, int] | None], PromptSource]
+
+# Test hook: SIGKILL ourselves at a named point, to prove crash safety where it is hardest.
+CRASH_POINT_ENV = "DYNALIGN_LEARNER_CRASH_AT"
+
+
+def _crash_point(name: str) -> None:
+    if os.environ.get(CRASH_POINT_ENV) == name:
+        log.warning("crash point %s: SIGKILL", name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class StepReport:
+    step: int
+    reward_mean: float
+    reward_std: float
+    zero_variance_groups: float
+    unparsable: int
+    kl: float
+    loss: float
+    grad_norm: float
+    completion_tokens: float
+    tokens_per_s: float
+    seconds: dict[str, float]
+    candidate_version: int | None = None
+
+
+class Learner:
+    def __init__(self, cfg: DynalignConfig, workdir: Path, source_factory: SourceFactory,
+                 reward_fn: RewardFn | None = None) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from serving.engine import resolve_model_path
+
+        self.cfg = cfg
+        lc = cfg.learner
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(lc.seed)
+        self.model_path = resolve_model_path(cfg.model)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        dtype = torch.bfloat16 if lc.train_dtype == "bfloat16" else torch.float32
+        base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        self.model = apply_lora(base.to(self.device), lc)
+        self.layers = lora_layers(self.model)
+        self.optimizer = make_optimizer(self.model, lc)
+        self.store = AdapterStore(cfg.registry.store)
+        self.engine = RolloutEngine(cfg.model, lc, self.workdir / "rollout")
+        self.reward_fn = reward_fn or self.engine.self_scores
+
+        self.step = 0
+        self.parent_version: int | None = None
+        self.offsets: dict[str, int] = {}
+        resumed = checkpoint.latest(self.workdir)
+        if resumed:
+            path, state = resumed
+            checkpoint.restore(path, self.model, self.optimizer)
+            self.step, self.offsets = state.step, dict(state.next_offsets)
+            log.info("resumed from %s (step %d, offsets %s)", path.name, self.step, self.offsets)
+        self.checkpoint_offsets = dict(self.offsets)
+        self.source = source_factory(self.offsets or None)
+        if resumed:
+            # A crash may have come between checkpoint and publish, or publish and commit.
+            self.parent_version = self._publish(*resumed)
+            self.source.commit(resumed[1].next_offsets)
+        self.engine.load_adapter(self.model.save_pretrained)
+
+    @property
+    def prompts_per_step(self) -> int:
+        return max(1, self.cfg.learner.batch_completions // self.cfg.learner.group_size)
+
+    def run(self, max_steps: int | None = None, max_idle_polls: int | None = None,
+            on_step: Callable[[StepReport], None] | None = None) -> None:
+        """Step until `max_steps` (total, across restarts) or until the source stays empty
+        for `max_idle_polls` polls; None = forever."""
+        while max_steps is None or self.step < max_steps:
+            report = self.step_once(max_idle_polls)
+            if report is None:
+                break
+            if on_step:
+                on_step(report)
+
+    def step_once(self, max_idle_polls: int | None = None) -> StepReport | None:
+        lc = self.cfg.learner
+        t0 = time.perf_counter()
+        batch = self.source.next_batch(self.prompts_per_step, max_idle_polls)
+        if batch is None:
+            return None
+        conversations = [p.messages for p in batch.prompts]
+        t1 = time.perf_counter()
+        candidates = self.engine.sample(conversations)
+        t2 = time.perf_counter()
+        scores = self.reward_fn(conversations, candidates)
+        t3 = time.perf_counter()
+
+        rewards = torch.tensor([[float("nan") if s is None else s for s in row] for row in scores],
+                               dtype=torch.float32)  # [P, G]
+        valid = ~rewards.isnan()
+        advantages = group_advantages(rewards, valid)  # [P, G]
+        examples = [training_inputs(self.tokenizer, conv, cand.token_ids)
+                    for conv, group in zip(conversations, candidates) for cand in group]
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id
+        tensors = {k: v.to(self.device) for k, v in collate(examples, pad_id).items()}
+        tensors["advantages"] = advantages.flatten().to(self.device)
+        stats = grpo_step(self.model, self.layers, self.optimizer, tensors, lc)
+        self.engine.load_adapter(self.model.save_pretrained)
+        t4 = time.perf_counter()
+
+        self.step += 1
+        self.offsets.update(batch.next_offsets)
+        lengths = [len(c.token_ids) for group in candidates for c in group]
+        scored = rewards[valid]
+        distinct = [row[v].unique().numel() <= 1 for row, v in zip(rewards, valid)]
+        report = StepReport(
+            step=self.step,
+            reward_mean=scored.mean().item() if scored.numel() else float("nan"),
+            reward_std=scored.std().item() if scored.numel() > 1 else 0.0,
+            zero_variance_groups=sum(distinct) / len(distinct),
+            unparsable=int((~valid).sum()),
+            kl=float(stats.get("kl", torch.tensor(0.0))),
+            loss=float(stats["loss"]),
+            grad_norm=float(stats["grad_norm"]),
+            completion_tokens=sum(lengths) / len(lengths),
+            tokens_per_s=(tensors["attention_mask"].sum().item() + sum(lengths)) / (t4 - t0),
+            seconds={"batch": t1 - t0, "rollout": t2 - t1, "reward": t3 - t2, "update": t4 - t3},
+        )
+        self._export(report, scored, lengths)
+        _crash_point("mid-step")
+        if self.step % lc.checkpoint_every_steps == 0:
+            report.candidate_version = self.checkpoint(report)
+        return report
+
+    def checkpoint(self, report: StepReport) -> int:
+        """Checkpoint → candidate version → commit offsets, in that order (see checkpoint.py)."""
+        state = CheckpointState(
+            step=self.step,
+            next_offsets=dict(self.offsets),
+            trained_offsets=checkpoint.trained_ranges(self.checkpoint_offsets, self.offsets),
+            parent_version=self.parent_version,
+            metrics={"reward_mean": report.reward_mean, "kl": report.kl, "loss": report.loss},
+        )
+        path = checkpoint.save(self.workdir, state, self.model, self.optimizer)
+        metrics.CHECKPOINTS.inc()
+        version = self._publish(path, state)
+        _crash_point("before-commit")
+        self.source.commit(state.next_offsets)
+        self.checkpoint_offsets = dict(self.offsets)
+        self.parent_version = version
+        return version
+
+    def _publish(self, path: Path, state: CheckpointState) -> int:
+        source = f"{self.cfg.learner.consumer_group}/{state.name}"
+        version = self.store.find_by_checkpoint(source)
+        if version is None:
+            version = self.store.publish(
+                path / "adapter", parent_version=state.parent_version,
+                base_model=self.cfg.model.path or Path(self.model_path).name,
+                source_checkpoint=source, trained_offsets=state.trained_offsets,
+                steps=state.step, metrics=state.metrics,
+            ).version
+            log.info("published candidate v%d from %s", version, source)
+        metrics.LAST_CANDIDATE_VERSION.set(version)
+        return version
+
+    def _export(self, report: StepReport, scored: torch.Tensor, lengths: list[int]) -> None:
+        metrics.STEPS.inc()
+        for value in scored.tolist():
+            metrics.REWARD.observe(value)
+        for n in lengths:
+            metrics.COMPLETION_TOKENS.observe(n)
+        metrics.SCORED.inc(scored.numel() + report.unparsable)
+        metrics.UNPARSABLE_SCORES.inc(report.unparsable)
+        metrics.REWARD_MEAN.set(report.reward_mean)
+        metrics.REWARD_STD.set(report.reward_std)
+        metrics.ZERO_VARIANCE_GROUPS.set(report.zero_variance_groups)
+        metrics.KL.set(report.kl)
+        metrics.LOSS.set(report.loss)
+        metrics.GRAD_NORM.set(report.grad_norm)
+        metrics.TOKENS_PER_SECOND.set(report.tokens_per_s)
+        metrics.CONSUMER_LAG.set(self.source.lag())
+        for phase, seconds in report.seconds.items():
+            metrics.STEP_SECONDS.labels(phase).observe(seconds)
+
+    def close(self) -> None:
+        self.source.close()
