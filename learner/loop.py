@@ -25,11 +25,12 @@ import torch
 from learner import checkpoint, metrics
 from learner.checkpoint import CheckpointState
 from learner.consumer import PromptSource
+from learner.gate import Gate
 from learner.grpo import collate, group_advantages, training_inputs
 from learner.policy import apply_lora, grpo_step, lora_layers, make_optimizer
 from learner.rollout import Completion, RolloutEngine
 from shared.config import DynalignConfig
-from shared.registry import AdapterStore
+from shared.registry import Registry, announce, base_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,12 @@ class Learner:
         self.model = apply_lora(base.to(self.device), lc)
         self.layers = lora_layers(self.model)
         self.optimizer = make_optimizer(self.model, lc)
-        self.store = AdapterStore(cfg.registry.store)
+        self.store = Registry(cfg.registry.store)
+        self.fingerprint = base_fingerprint(self.model_path)
         self.engine = RolloutEngine(cfg.model, lc, self.workdir / "rollout")
         self.reward_fn = reward_fn or self.engine.self_scores
+        self.gate = (Gate(cfg.gate, self.engine, self.model, self.layers, self.tokenizer)
+                     if cfg.gate.enabled else None)
 
         self.step = 0
         self.parent_version: int | None = None
@@ -99,10 +103,16 @@ class Learner:
         self.checkpoint_offsets = dict(self.offsets)
         self.source = source_factory(self.offsets or None)
         if resumed:
-            # A crash may have come between checkpoint and publish, or publish and commit.
+            # A crash may have come between checkpoint and publish, publish and commit, or
+            # commit and the gate's verdict: redo whatever is missing.
             self.parent_version = self._publish(*resumed)
             self.source.commit(resumed[1].next_offsets)
-        self.engine.load_adapter(self.model.save_pretrained)
+        elif (live := self.store.read_state().live) is not None:
+            self._load_version(live)  # a fresh learner starts from what users are served
+        self.engine.load_policy(self.model.save_pretrained)
+        if resumed and self.gate and self.parent_version not in \
+                self.store.read_state().gate_results:
+            self._gate(self.parent_version)
 
     @property
     def prompts_per_step(self) -> int:
@@ -113,6 +123,7 @@ class Learner:
         """Step until `max_steps` (total, across restarts) or until the source stays empty
         for `max_idle_polls` polls; None = forever."""
         while max_steps is None or self.step < max_steps:
+            self._wait_while_paused()
             report = self.step_once(max_idle_polls)
             if report is None:
                 break
@@ -144,7 +155,7 @@ class Learner:
         tensors = {k: v.to(self.device) for k, v in collate(examples, pad_id).items()}
         tensors["advantages"] = advantages.flatten().to(self.device)
         stats = grpo_step(self.model, self.layers, self.optimizer, tensors, lc)
-        self.engine.load_adapter(self.model.save_pretrained)
+        self.engine.load_policy(self.model.save_pretrained)
         t4 = time.perf_counter()
 
         self.step += 1
@@ -187,7 +198,47 @@ class Learner:
         self.source.commit(state.next_offsets)
         self.checkpoint_offsets = dict(self.offsets)
         self.parent_version = version
+        if self.gate:
+            self._gate(version)
         return version
+
+    def _gate(self, version: int) -> None:
+        """Candidate (the current policy) vs live; promote or reject. After a rejection the
+        learner continues from the live adapter, not from the rejected weights."""
+        live = self.store.read_state().live
+        live_lora = self.engine.lora_request(self.store.path(live), "live") if live else None
+        try:
+            result = self.gate.evaluate(self.engine.lora, live_lora)
+        finally:
+            self.engine.drop(live_lora)
+        state, action = self.store.apply_gate(version, result.model_dump(),
+                                              self.cfg.gate.auto_promote)
+        log.info("gate v%d: %s (%s)", version, action, "; ".join(result.reasons) or "passed")
+        if self.cfg.kafka.bootstrap:
+            announce(self.cfg, state, "gate", action)
+        if action == "reject":
+            self._load_version(state.live)
+            self.engine.load_policy(self.model.save_pretrained)
+
+    def _load_version(self, version: int | None) -> None:
+        """Training weights := a registry version (None: a fresh adapter); fresh optimiser."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        if version is None:
+            for layer in self.layers:
+                layer.reset_lora_parameters("default", init_lora_weights=True)
+        else:
+            weights = load_file(str(self.store.path(version) / "adapter_model.safetensors"))
+            set_peft_model_state_dict(self.model, weights)
+        self.optimizer = make_optimizer(self.model, self.cfg.learner)
+        self.parent_version = version
+
+    def _wait_while_paused(self) -> None:
+        if self.store.read_state().learning_paused:
+            log.info("learning paused by an operator; waiting for resume-learning")
+            while self.store.read_state().learning_paused:
+                time.sleep(1.0)  # an operator's flag in a file: nothing to wait on but a poll
 
     def _publish(self, path: Path, state: CheckpointState) -> int:
         source = f"{self.cfg.learner.consumer_group}/{state.name}"
@@ -196,7 +247,7 @@ class Learner:
             version = self.store.publish(
                 path / "adapter", parent_version=state.parent_version,
                 base_model=self.cfg.model.path or Path(self.model_path).name,
-                source_checkpoint=source, trained_offsets=state.trained_offsets,
+                base_fingerprint=self.fingerprint, source_checkpoint=source, trained_offsets=state.trained_offsets,
                 steps=state.step, metrics=state.metrics,
             ).version
             log.info("published candidate v%d from %s", version, source)

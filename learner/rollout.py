@@ -7,10 +7,12 @@ weights must never reuse an old name.
 
 from __future__ import annotations
 
+import itertools
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from learner.grpo import rollout_messages
 from learner.reward import expected_score, parse_score, reward_prompt
@@ -35,18 +37,6 @@ def judge_request(messages: list[dict[str, Any]], response: str) -> list[dict[st
     return [{"role": "user", "content": reward_prompt(request, response)}]
 
 
-def _digit_token_ids(tokenizer) -> list[int]:
-    """The token of each digit "0".."5" written alone (ids 32-37 in SmolLM2)."""
-    ids = []
-    for digit in "012345":
-        encoded = tokenizer.encode(digit, add_special_tokens=False)
-        if len(encoded) != 1:
-            raise ValueError(f"digit {digit!r} is not one token ({encoded}): "
-                             "use reward_mode='greedy' with this tokenizer")
-        ids.append(encoded[0])
-    return ids
-
-
 class RolloutEngine:
     def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, workdir: Path) -> None:
         from vllm import LLM
@@ -54,28 +44,45 @@ class RolloutEngine:
         from serving.engine import engine_kwargs
 
         self.cfg = learner_cfg
-        # Two adapter slots: the one in use and the one being swapped in. Processed log-probs
-        # are taken after `allowed_token_ids` masks the vocabulary: restricted to the six
-        # digits they are exactly the judge's distribution renormalised over "0".."5".
-        self.llm = LLM(**engine_kwargs(model_cfg, max_loras=2),
+        # Slots for the policy, the version being swapped in, and the gate's live version.
+        # Processed log-probs are taken after `allowed_token_ids` masks the vocabulary: over a
+        # few allowed tokens they are exactly the model's distribution renormalised over them.
+        self.llm = LLM(**engine_kwargs(model_cfg, max_loras=3),
                        logprobs_mode="processed_logprobs")
-        self.digit_ids = _digit_token_ids(self.llm.get_tokenizer())
+        self.tokenizer = self.llm.get_tokenizer()
+        self.digit_ids = [self.single_token_id(d) for d in "012345"]
         self.workdir = Path(workdir)
-        self.lora = None
-        self._loads = 0
+        self.lora = None  # the current policy's adapter; None = base
+        self._ids = itertools.count(1)
 
-    def load_adapter(self, save: Any) -> None:
-        """`save(dir)` writes the current PEFT adapter; it becomes the rollout policy."""
+    def single_token_id(self, text: str) -> int:
+        """The one token that spells `text` alone ("0".."5" are ids 32-37 in SmolLM2)."""
+        encoded = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ValueError(f"{text!r} is not one token in this tokenizer ({encoded}); "
+                             "use reward_mode='greedy'")
+        return encoded[0]
+
+    def lora_request(self, path: Path, prefix: str = "adapter"):
+        """Load an adapter directory under a fresh engine name."""
         from vllm.lora.request import LoRARequest
 
-        self._loads += 1
-        path = self.workdir / f"rollout-adapter-{self._loads}"
+        lora_id = next(self._ids)
+        request = LoRARequest(f"{prefix}-{lora_id}", lora_id, str(path))
+        self.llm.llm_engine.add_lora(request)
+        return request
+
+    def drop(self, lora) -> None:
+        if lora is not None:
+            self.llm.llm_engine.remove_lora(lora.lora_int_id)
+
+    def load_policy(self, save: Callable[[Path], None]) -> None:
+        """`save(dir)` writes the current PEFT adapter; it becomes the rollout policy."""
+        path = self.workdir / f"policy-{next(self._ids)}"
         save(path)
-        previous, self.lora = self.lora, LoRARequest(f"learner-{self._loads}", self._loads,
-                                                     str(path))
-        self.llm.llm_engine.add_lora(self.lora)
+        previous, self.lora = self.lora, self.lora_request(path, prefix="policy")
         if previous is not None:
-            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            self.drop(previous)
             shutil.rmtree(previous.lora_path, ignore_errors=True)
 
     def sample(self, conversations: Sequence[list[dict[str, Any]]]) -> list[list[Completion]]:
@@ -83,34 +90,55 @@ class RolloutEngine:
         from vllm import SamplingParams
 
         params = SamplingParams(n=self.cfg.group_size, temperature=self.cfg.temperature,
-                                top_p=self.cfg.top_p, max_tokens=self.cfg.max_new_tokens,
-                                seed=None)
-        outputs = self.llm.chat([rollout_messages(c) for c in conversations], params,
-                                lora_request=self.lora, use_tqdm=False)
+                                top_p=self.cfg.top_p, max_tokens=self.cfg.max_new_tokens)
+        return self._chat([rollout_messages(c) for c in conversations], params, self.lora)
+
+    def greedy(self, conversations: Sequence[list[dict[str, Any]]], lora,
+               max_tokens: int) -> list[Completion]:
+        """How a version answers users: greedy, no CA system prompt."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        return [group[0] for group in self._chat(list(conversations), params, lora)]
+
+    def token_distribution(self, requests: Sequence[list[dict[str, str]]],
+                           token_ids: list[int], lora) -> list[tuple[float, ...]]:
+        """For each chat, the next-token probabilities of `token_ids`, renormalised over them."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=len(token_ids),
+                                allowed_token_ids=token_ids)
+        outputs = self.llm.chat(list(requests), params, lora_request=lora, use_tqdm=False)
+        dists = []
+        for out in outputs:
+            logprobs = out.outputs[0].logprobs[0]
+            dists.append(tuple(math.exp(logprobs[t].logprob) if t in logprobs else 0.0
+                               for t in token_ids))
+        return dists
+
+    def self_scores(self, conversations: Sequence[list[dict[str, Any]]],
+                    candidates: Sequence[Sequence[Completion]],
+                    lora=None) -> list[list[float | None]]:
+        """The policy judges each candidate 0-5 with the paper's reward prompt, greedily.
+        `greedy` parses the text; `expected` is the probability-weighted mean digit at the
+        first answer position. None = unparsable."""
+        from vllm import SamplingParams
+
+        lora = lora or self.lora
+        requests = [judge_request(conv, cand.text)
+                    for conv, group in zip(conversations, candidates) for cand in group]
+        if self.cfg.reward_mode == "expected":
+            flat = [expected_score({str(d): math.log(p) for d, p in enumerate(dist) if p > 0})
+                    for dist in self.token_distribution(requests, self.digit_ids, lora)]
+        else:
+            params = SamplingParams(temperature=0.0, max_tokens=8)
+            outputs = self.llm.chat(requests, params, lora_request=lora, use_tqdm=False)
+            flat = [parse_score(out.outputs[0].text) for out in outputs]
+        bounds = list(itertools.accumulate([0] + [len(group) for group in candidates]))
+        return [flat[a:b] for a, b in zip(bounds, bounds[1:])]
+
+    def _chat(self, conversations, params, lora) -> list[list[Completion]]:
+        outputs = self.llm.chat(conversations, params, lora_request=lora, use_tqdm=False)
         return [[Completion(list(o.token_ids), o.text, o.finish_reason) for o in out.outputs]
                 for out in outputs]
 
-    def self_scores(self, conversations: Sequence[list[dict[str, Any]]],
-                    candidates: Sequence[Sequence[Completion]]) -> list[list[float | None]]:
-        """The policy judges each candidate 0-5 (greedy, as the paper). `greedy` parses the
-        text; `expected` reads the probabilities of the tokens "0".."5" at the first answer
-        position. None = unparsable."""
-        from vllm import SamplingParams
-
-        requests = [judge_request(conv, cand.text)
-                    for conv, group in zip(conversations, candidates) for cand in group]
-        expected = self.cfg.reward_mode == "expected"
-        if expected:
-            params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=len(self.digit_ids),
-                                    allowed_token_ids=self.digit_ids)
-        else:
-            params = SamplingParams(temperature=0.0, max_tokens=8)
-        outputs = self.llm.chat(requests, params, lora_request=self.lora, use_tqdm=False)
-        if expected:
-            flat = [expected_score({lp.decoded_token: lp.logprob
-                                    for lp in out.outputs[0].logprobs[0].values()})
-                    if out.outputs[0].logprobs else None for out in outputs]
-        else:
-            flat = [parse_score(out.outputs[0].text) for out in outputs]
-        sizes = [len(group) for group in candidates]
-        return [flat[sum(sizes[:i]): sum(sizes[:i + 1])] for i in range(len(sizes))]

@@ -55,6 +55,8 @@ class ServingConfig(BaseModel):
     port: int = 8000
     # Chat API keys; empty list = no auth. Sent as `Authorization: Bearer <key>`.
     api_keys: list[SecretStr] = Field(default_factory=list)
+    # Operator tokens for the /admin routes (distinct from chat API keys).
+    operator_tokens: list[SecretStr] = Field(default_factory=list)
     # Requests larger than this are refused with 400 before any parsing.
     max_request_bytes: int = 1 << 20
     outbox_dir: Path = Path("runs/outbox")
@@ -100,6 +102,29 @@ class LearnerConfig(BaseModel):
         )
 
 
+class GateConfig(BaseModel):
+    """Candidate vs live before anything goes live (see learner/gate.py)."""
+
+    enabled: bool = True
+    auto_promote: bool = True  # False: a passing candidate waits for an operator's promote
+    probe_prompts: Path | None = None  # JSONL; default: shared/data/probe_prompts.jsonl
+    probe_limit: int = 12
+    max_new_tokens: int = 128
+    # "" = the policy judges (verdict from P("A") vs P("B")); or "URL#model" of any
+    # OpenAI-compatible endpoint.
+    judge_endpoint: str = ""
+    min_win_rate: float = 0.5  # over consistent decisions; none at all is no evidence of harm
+    max_kl: float = 0.5  # nats per token, candidate vs base, on the candidate's answers
+    max_length_ratio: float = 1.5  # mean answer length, candidate / live
+    max_unparsable_rate: float = 0.5
+
+    def cpu_sized(self) -> "GateConfig":
+        smaller = dict(probe_limit=6, max_new_tokens=48)
+        return self.model_copy(
+            update={k: v for k, v in smaller.items() if k not in self.model_fields_set}
+        )
+
+
 class RegistryConfig(BaseModel):
     store: Path = Path("runs/adapters")
     keep_loaded: int = 3
@@ -115,6 +140,7 @@ class DynalignConfig(BaseSettings):
     serving: ServingConfig = Field(default_factory=ServingConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
 
     @classmethod
     def settings_customise_sources(

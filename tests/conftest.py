@@ -140,3 +140,9 @@ def read_records(bootstrap: str, topic: str, keep: Callable[[dict], bool], expec
         return found
     finally:
         c.close()
+
+
+def json_result(stdout: str) -> dict:
+    """The JSON line a helper script printed last (vLLM logs to stdout around it)."""
+    return json.loads(next(line for line in reversed(stdout.splitlines())
+                           if line.startswith("{")))
