@@ -5,6 +5,7 @@
     dynalign learn   the self-rewarding GRPO learner
     dynalign datagen the paper's task-prompt generation
     dynalign eval    pairwise CA judgement | IFEval
+    dynalign adapters list | show | diff | promote | rollback | pin | unpin | pause-learning | resume-learning
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from dynalign.adapters_cli import adapters_app
 from learner.datagen import datagen_command
 from learner.evaluate import eval_app
 from shared.config import DynalignConfig, load_config
@@ -23,6 +25,7 @@ from shared.config import DynalignConfig, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.command("datagen")(datagen_command)
 app.add_typer(eval_app, name="eval", help="Pairwise CA judgement and IFEval.")
+app.add_typer(adapters_app, name="adapters", help="List, promote, roll back, pin adapters.")
 console = Console()
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML or YAML config file.")]
@@ -132,6 +135,8 @@ def learner_settings(cfg: DynalignConfig, single_user: bool = False) -> Dynalign
 
     paper = LearnerConfig()
     chosen = cfg.learner if has_gpu() else cfg.learner.cpu_sized()
+    if not has_gpu():
+        cfg.gate = cfg.gate.cpu_sized()
     if single_user and "max_user_share" not in cfg.learner.model_fields_set:
         chosen = chosen.model_copy(update={"max_user_share": 1.0})
         console.print("[yellow]single-user demo: max_user_share is off (1.0); a deployment "

@@ -54,6 +54,11 @@ class AliasTable:
             f"The model '{model}' does not exist. Available: {', '.join(self.names())}."
         )
 
+    def pinned_version(self, model: str) -> int | None:
+        """N for "<served>@vN" / "<served>-vN", loaded or not."""
+        match = self._pattern.match(model)
+        return int(match[1]) if match else None
+
     def names(self) -> list[str]:
         return [self.served_name, f"{self.served_name}@base"] + [
             f"{self.served_name}@v{v}" for v in sorted(self.loaded)

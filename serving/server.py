@@ -7,6 +7,7 @@ Request path (kept lean: resolution is a dict lookup, logging is a queue put):
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -31,10 +32,13 @@ from vllm.entrypoints.serve.exception_handling.register import init_exception_ha
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
 from serving import metrics
+from serving.admin import router as admin_router
+from serving.adapters import AdapterFollower, AdapterRefused
 from serving.aliases import AliasTable, Route, UnknownModel
 from serving.engine import parse_vllm_args, serving_state, vllm_cli_args
 from serving.outbox import Outbox
 from shared.config import DynalignConfig
+from shared.registry import Registry, base_fingerprint
 from shared.schemas import Choice, InteractionRecord, SamplingParams, Usage, utc_now
 
 log = logging.getLogger(__name__)
@@ -52,7 +56,10 @@ class ServerState:
     cfg: DynalignConfig
     aliases: AliasTable
     outbox: Outbox | None
+    registry: Registry
     api_keys: frozenset[str] = field(default_factory=frozenset)
+    operator_tokens: frozenset[str] = field(default_factory=frozenset)
+    follower: AdapterFollower | None = None  # set once the engine is up
 
 
 def _state(request: Request) -> ServerState:
@@ -121,6 +128,14 @@ class Interaction:
     created_at: Any = field(default_factory=utc_now)
     ttft_s: float | None = None
 
+    released: bool = False
+
+    def release(self) -> None:
+        """The adapter version may be evicted once no request uses it."""
+        if not self.released and self.route.adapter_version is not None:
+            self.state.follower.in_flight[self.route.adapter_version] -= 1
+        self.released = True
+
     @property
     def version_label(self) -> str:
         v = self.route.adapter_version
@@ -128,6 +143,7 @@ class Interaction:
 
     def finish(self, status: int, choices: list[Choice], usage: Usage | None) -> str | None:
         """Count the request; log it for training; return the record id (None if not logged)."""
+        self.release()
         latency_s = time.perf_counter() - self.started
         labels = (self.route.alias, self.version_label)
         metrics.REQUESTS.labels(*labels, str(status)).inc()
@@ -173,36 +189,39 @@ async def _logged_stream(
     """Pass vLLM's SSE chunks through unchanged while collecting text, finish reasons and usage.
     We always ask vLLM for usage (the record needs it) and drop that last chunk when the client
     did not ask for it."""
-    texts: dict[int, list[str]] = {}
-    finish: dict[int, str | None] = {}
-    usage: Usage | None = None
-    failed = False
-    async for chunk in chunks:
-        if chunk.startswith("data: {"):
-            payload = json.loads(chunk[6:])
-            if "error" in payload:
-                failed = True
-            if payload.get("usage"):
-                usage = Usage(**{k: payload["usage"][k] for k in Usage.model_fields})
-            for choice in payload.get("choices", ()):
-                delta = choice.get("delta") or {}
-                if delta.get("content"):
-                    if interaction.ttft_s is None:
-                        interaction.ttft_s = time.perf_counter() - interaction.started
-                    texts.setdefault(choice["index"], []).append(delta["content"])
-                if choice.get("finish_reason"):
-                    finish[choice["index"]] = choice["finish_reason"]
-            if not client_wants_usage and not payload.get("choices") and payload.get("usage"):
-                continue
-        yield chunk
-    if failed:
-        interaction.log_for_training = False
-        interaction.finish(HTTPStatus.INTERNAL_SERVER_ERROR, [], usage)
-        return
-    indices = sorted(set(texts) | set(finish))
-    choices = [Choice(index=i, content="".join(texts.get(i, [])), finish_reason=finish.get(i))
-               for i in indices]
-    interaction.finish(HTTPStatus.OK, choices, usage)
+    try:
+        texts: dict[int, list[str]] = {}
+        finish: dict[int, str | None] = {}
+        usage: Usage | None = None
+        failed = False
+        async for chunk in chunks:
+            if chunk.startswith("data: {"):
+                payload = json.loads(chunk[6:])
+                if "error" in payload:
+                    failed = True
+                if payload.get("usage"):
+                    usage = Usage(**{k: payload["usage"][k] for k in Usage.model_fields})
+                for choice in payload.get("choices", ()):
+                    delta = choice.get("delta") or {}
+                    if delta.get("content"):
+                        if interaction.ttft_s is None:
+                            interaction.ttft_s = time.perf_counter() - interaction.started
+                        texts.setdefault(choice["index"], []).append(delta["content"])
+                    if choice.get("finish_reason"):
+                        finish[choice["index"]] = choice["finish_reason"]
+                if not client_wants_usage and not payload.get("choices") and payload.get("usage"):
+                    continue
+            yield chunk
+        if failed:
+            interaction.log_for_training = False
+            interaction.finish(HTTPStatus.INTERNAL_SERVER_ERROR, [], usage)
+            return
+        indices = sorted(set(texts) | set(finish))
+        choices = [Choice(index=i, content="".join(texts.get(i, [])), finish_reason=finish.get(i))
+                   for i in indices]
+        interaction.finish(HTTPStatus.OK, choices, usage)
+    finally:  # also when the client disconnects mid-stream (the generator is closed)
+        interaction.release()
 
 
 # -- routes --------------------------------------------------------------------------------------
@@ -212,10 +231,13 @@ async def _logged_stream(
 async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
     state = _state(raw_request)
     try:
-        route = state.aliases.resolve(request.model)
+        route = await resolve(state, request.model)
     except UnknownModel as exc:
         metrics.REQUESTS.labels(request.model, "none", "404").inc()
         return error_json(HTTPStatus.NOT_FOUND, str(exc), param="model")
+    except AdapterRefused as exc:
+        metrics.REQUESTS.labels(request.model, "none", "400").inc()
+        return error_json(HTTPStatus.BAD_REQUEST, str(exc), param="model")
 
     # The body is already parsed and cached by FastAPI; the raw messages serialise cleanly.
     messages = (await raw_request.json())["messages"]
@@ -232,9 +254,12 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
     request.model = route.engine_model
     headers = {VERSION_HEADER: interaction.version_label}
 
-    result = await raw_request.app.state.openai_serving_chat.create_chat_completion(
-        request, raw_request
-    )
+    try:
+        result = await raw_request.app.state.openai_serving_chat.create_chat_completion(
+            request, raw_request)
+    except BaseException:  # cancelled by a disconnect, or an engine error
+        interaction.release()
+        raise
     if isinstance(result, ErrorResponse):
         interaction.log_for_training = False
         interaction.finish(result.error.code, [], None)
@@ -251,6 +276,21 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
         return JSONResponse(result.model_dump(), headers=headers)
     return StreamingResponse(_logged_stream(interaction, result, client_wants_usage),
                              media_type="text/event-stream", headers=headers)
+
+
+async def resolve(state: ServerState, model: str) -> Route:
+    """Alias → route; a pinned version that exists in the registry is loaded on first use."""
+    try:
+        route = state.aliases.resolve(model)
+    except UnknownModel:
+        version = state.aliases.pinned_version(model)
+        if version is None or version not in state.registry.versions():
+            raise
+        await state.follower.ensure_loaded(version)
+        route = state.aliases.resolve(model)
+    if route.adapter_version is not None:
+        state.follower.in_flight[route.adapter_version] += 1
+    return route
 
 
 @router.get("/v1/models", dependencies=[Depends(require_api_key)])
@@ -318,12 +358,27 @@ def create_app(cfg: DynalignConfig, outbox: Outbox | None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async with serving_state(app.state, vllm_args):
+            state: ServerState = app.state.dynalign
+            follower = AdapterFollower(cfg, state.registry, state.aliases,
+                                       app.state.openai_serving_models,
+                                       await asyncio.to_thread(base_fingerprint, vllm_args.model))
+            state.follower = follower
+            metrics.LIVE_ADAPTER_VERSION.set(0)
+            # Serve what the registry says is live from the first request on.
+            try:
+                await follower.sync()
+            except AdapterRefused as exc:
+                log.error("live adapter refused at start-up, serving base: %s", exc)
+            follow_task = asyncio.create_task(follower.run())
+            if cfg.kafka.bootstrap:
+                follower.watch_topic(asyncio.get_running_loop())
             if outbox is not None:
                 outbox.start()
-            metrics.LIVE_ADAPTER_VERSION.set(0)
             try:
                 yield
             finally:
+                follower.stop()
+                follow_task.cancel()
                 if outbox is not None:
                     outbox.close()
 
@@ -333,9 +388,12 @@ def create_app(cfg: DynalignConfig, outbox: Outbox | None) -> FastAPI:
         cfg=cfg,
         aliases=AliasTable(cfg.model.served_name),
         outbox=outbox,
+        registry=Registry(cfg.registry.store),
         api_keys=frozenset(k.get_secret_value() for k in cfg.serving.api_keys),
+        operator_tokens=frozenset(k.get_secret_value() for k in cfg.serving.operator_tokens),
     )
     app.include_router(router)
+    app.include_router(admin_router)
     init_exception_handler(app)  # vLLM's: every error becomes OpenAI-style JSON, never a bare 500
     app.add_middleware(RequestSizeLimit, max_bytes=cfg.serving.max_request_bytes)
     return app

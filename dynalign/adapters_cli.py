@@ -1,0 +1,176 @@
+"""`dynalign adapters ...`: operate the adapter registry from a shell.
+
+Works on the registry files directly (the truth) and announces each change on the control topic
+when Kafka is configured, so running servers switch within a second; servers without the topic
+converge on their next poll of the files. The same actions are HTTP routes under /admin.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shared.config import DynalignConfig, load_config
+from shared.registry import Registry, RegistryError, RegistryState, adapter_problems, announce
+
+adapters_app = typer.Typer(no_args_is_help=True, help=__doc__)
+console = Console()
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config")]
+StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Adapter store directory.")]
+KafkaOpt = Annotated[Optional[str], typer.Option("--kafka")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Recorded in the audit log.")]
+
+
+def _setup(config: Path | None, store: Path | None, kafka: str | None) -> tuple:
+    cfg = load_config(config, registry={"store": store}, kafka={"bootstrap": kafka})
+    return cfg, Registry(cfg.registry.store)
+
+
+def _actor() -> str:
+    return f"cli:{getpass.getuser()}"
+
+
+def _versions(registry: Registry, state: RegistryState) -> list[dict]:
+    return [{"version": v, "state": state.states.get(v, "candidate"),
+             **registry.manifest(v).model_dump(mode="json", exclude={"version"})}
+            for v in registry.versions()]
+
+
+def _finish(cfg: DynalignConfig, registry: Registry, state: RegistryState, action: str,
+            as_json: bool) -> None:
+    if cfg.kafka.bootstrap:
+        announce(cfg, state, _actor(), action)
+    if as_json:
+        typer.echo(json.dumps({"live": state.live, "pinned": state.pinned,
+                               "learning_paused": state.learning_paused,
+                               "revision": state.revision}))
+    else:
+        live = "base" if state.live is None else f"v{state.live}"
+        console.print(f"{action}: live is now [bold]{live}[/bold]"
+                      + (" (pinned)" if state.pinned else "")
+                      + (" ; learning paused" if state.learning_paused else ""))
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(1)
+
+
+@adapters_app.command("list")
+def list_versions(config: ConfigOpt = None, store: StoreOpt = None, as_json: JsonOpt = False):
+    """Every version with its state; the live one marked."""
+    _, registry = _setup(config, store, None)
+    state = registry.read_state()
+    rows = _versions(registry, state)
+    if as_json:
+        typer.echo(json.dumps({"live": state.live, "pinned": state.pinned,
+                               "learning_paused": state.learning_paused, "versions": rows}))
+        return
+    table = Table(title=f"adapters in {registry.root}  (live: "
+                        f"{'base' if state.live is None else f'v{state.live}'})")
+    for column in ("version", "state", "parent", "steps", "reward", "kl", "created"):
+        table.add_column(column)
+    for row in rows:
+        m = row["metrics"]
+        table.add_row(f"v{row['version']}", row["state"], str(row["parent_version"] or "-"),
+                      str(row["steps"]), f"{m.get('reward_mean', float('nan')):.2f}",
+                      f"{m.get('kl', float('nan')):.4f}", row["created_at"][:19])
+    console.print(table)
+
+
+@adapters_app.command()
+def show(version: int, config: ConfigOpt = None, store: StoreOpt = None,
+         as_json: JsonOpt = False):
+    """One version's manifest and state."""
+    _, registry = _setup(config, store, None)
+    try:
+        manifest = registry.manifest(version)
+    except FileNotFoundError:
+        _fail(RegistryError(f"v{version} does not exist"))
+    data = {"state": registry.state_of(version), **manifest.model_dump(mode="json")}
+    typer.echo(json.dumps(data, indent=None if as_json else 2))
+
+
+@adapters_app.command()
+def diff(a: int, b: int, config: ConfigOpt = None, store: StoreOpt = None,
+         as_json: JsonOpt = False):
+    """How two versions differ: manifest fields and the weight change per tensor (L2 norm)."""
+    from safetensors.torch import load_file
+
+    _, registry = _setup(config, store, None)
+    ma, mb = registry.manifest(a), registry.manifest(b)
+    fields = {k: [getattr(ma, k), getattr(mb, k)]
+              for k in ("parent_version", "steps", "metrics", "trained_offsets", "base_model")
+              if getattr(ma, k) != getattr(mb, k)}
+    wa = load_file(str(registry.path(a) / "adapter_model.safetensors"))
+    wb = load_file(str(registry.path(b) / "adapter_model.safetensors"))
+    deltas = {k: float((wb[k] - wa[k]).norm()) for k in sorted(wa) if k in wb}
+    total = sum(d * d for d in deltas.values()) ** 0.5
+    if as_json:
+        typer.echo(json.dumps({"fields": fields, "weight_delta_l2": total, "tensors": deltas},
+                              default=str))
+        return
+    for key, (x, y) in fields.items():
+        console.print(f"{key}: v{a}={x}  v{b}={y}")
+    console.print(f"weight change (L2 over {len(deltas)} tensors): {total:.6f}")
+    for key, value in sorted(deltas.items(), key=lambda kv: -kv[1])[:5]:
+        console.print(f"  {value:.6f}  {key}")
+
+
+@adapters_app.command()
+def promote(version: int, config: ConfigOpt = None, store: StoreOpt = None,
+            kafka: KafkaOpt = None, reason: ReasonOpt = "", as_json: JsonOpt = False):
+    """Make VERSION live (after checking it can be served)."""
+    from serving.engine import resolve_model_path
+    from shared.registry import base_fingerprint
+
+    cfg, registry = _setup(config, store, kafka)
+    try:
+        if version not in registry.versions():
+            raise RegistryError(f"v{version} does not exist (versions: {registry.versions()})")
+        problems = adapter_problems(registry.path(version),
+                                    base_fingerprint(resolve_model_path(cfg.model)),
+                                    cfg.model.max_lora_rank)
+        if problems:
+            raise RegistryError("; ".join(problems))
+        state = registry.promote(version, _actor(), reason)
+    except RegistryError as exc:
+        _fail(exc)
+    _finish(cfg, registry, state, "promote", as_json)
+
+
+@adapters_app.command()
+def rollback(to: Annotated[Optional[int], typer.Option("--to", help="Default: the previous live.")]
+             = None, config: ConfigOpt = None, store: StoreOpt = None, kafka: KafkaOpt = None,
+             reason: ReasonOpt = "", as_json: JsonOpt = False):
+    """Move live back to the previous version (or --to vN)."""
+    cfg, registry = _setup(config, store, kafka)
+    try:
+        state = registry.rollback(_actor(), to=to, reason=reason)
+    except RegistryError as exc:
+        _fail(exc)
+    _finish(cfg, registry, state, "rollback", as_json)
+
+
+def _flag_command(name: str, flag: str, value: bool, doc: str) -> None:
+    def command(config: ConfigOpt = None, store: StoreOpt = None, kafka: KafkaOpt = None,
+                reason: ReasonOpt = "", as_json: JsonOpt = False):
+        cfg, registry = _setup(config, store, kafka)
+        _finish(cfg, registry, registry.set_flag(flag, value, _actor(), reason), name, as_json)
+
+    command.__doc__ = doc
+    adapters_app.command(name)(command)
+
+
+_flag_command("pin", "pinned", True, "Keep live where it is: the gate may not promote.")
+_flag_command("unpin", "pinned", False, "Let the gate promote again.")
+_flag_command("pause-learning", "learning_paused", True, "Stop the learner taking steps.")
+_flag_command("resume-learning", "learning_paused", False, "Let the learner step again.")

@@ -1,0 +1,119 @@
+"""Operator routes: the adapter lifecycle over HTTP, guarded by operator tokens (never chat keys).
+
+Each action changes the registry (the truth, audited), announces it on `dynalign.adapters` for
+the other replicas, and is applied to this server before the response returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from http import HTTPStatus
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import BaseModel
+
+from serving.adapters import AdapterRefused
+from shared.registry import RegistryError, RegistryState, adapter_problems, announce
+
+router = APIRouter(prefix="/admin")
+
+
+class ActionBody(BaseModel):
+    reason: str = ""
+
+
+class RollbackBody(ActionBody):
+    to: int | None = None
+
+
+async def require_operator(raw_request: Request) -> str:
+    """The actor name for the audit log. 401 without a valid token, 403 for a chat API key."""
+    from serving.server import _state, bearer_key
+
+    state = _state(raw_request)
+    token = bearer_key(raw_request)
+    if token and token in state.operator_tokens:
+        actor = raw_request.headers.get("x-dynalign-actor", "operator")
+        return f"{actor} (token {hashlib.sha256(token.encode()).hexdigest()[:8]})"
+    if token and token in state.api_keys:
+        raise HTTPException(HTTPStatus.FORBIDDEN, "A chat API key cannot use operator routes.")
+    raise HTTPException(HTTPStatus.UNAUTHORIZED, "Operator token required.")
+
+
+def describe(registry, state: RegistryState, loaded: set[int]) -> dict:
+    versions = []
+    for version in registry.versions():
+        manifest = registry.manifest(version)
+        versions.append({
+            "version": version, "state": state.states.get(version, "candidate"),
+            "loaded": version in loaded, "parent_version": manifest.parent_version,
+            "steps": manifest.steps, "created_at": manifest.created_at.isoformat(),
+            "metrics": manifest.metrics, "gate": manifest.gate,
+        })
+    return {"live": state.live, "pinned": state.pinned, "learning_paused": state.learning_paused,
+            "revision": state.revision, "versions": versions}
+
+
+async def _apply(raw_request: Request, actor: str, action: str, change) -> dict:
+    from serving.server import _state
+
+    state = _state(raw_request)
+    try:
+        new_state = await asyncio.to_thread(change, state.registry)
+    except RegistryError as exc:
+        raise HTTPException(HTTPStatus.CONFLICT, str(exc)) from exc
+    if state.cfg.kafka.bootstrap:
+        await asyncio.to_thread(announce, state.cfg, new_state, actor, action)
+    try:
+        await state.follower.sync()
+    except AdapterRefused as exc:
+        raise HTTPException(HTTPStatus.BAD_REQUEST, str(exc)) from exc
+    return describe(state.registry, new_state, state.aliases.loaded)
+
+
+@router.get("/adapters")
+async def list_adapters(raw_request: Request, actor: str = Depends(require_operator)) -> dict:
+    from serving.server import _state
+
+    state = _state(raw_request)
+    return describe(state.registry, state.registry.read_state(), state.aliases.loaded)
+
+
+@router.post("/adapters/{version}/promote")
+async def promote(version: int, body: ActionBody, raw_request: Request,
+                  actor: str = Depends(require_operator)) -> dict:
+    from serving.server import _state
+
+    state = _state(raw_request)
+    if version in state.registry.versions():
+        # Refuse before the alias moves: the registry never points at unservable weights.
+        problems = await asyncio.to_thread(adapter_problems, state.registry.path(version),
+                                           state.follower.fingerprint,
+                                           state.cfg.model.max_lora_rank)
+        if problems:
+            raise HTTPException(HTTPStatus.BAD_REQUEST, "; ".join(problems))
+    return await _apply(raw_request, actor, "promote",
+                        lambda r: r.promote(version, actor, body.reason))
+
+
+@router.post("/adapters/rollback")
+async def rollback(body: RollbackBody, raw_request: Request,
+                   actor: str = Depends(require_operator)) -> dict:
+    return await _apply(raw_request, actor, "rollback",
+                        lambda r: r.rollback(actor, to=body.to, reason=body.reason))
+
+
+def _flag_route(path: str, flag: str, value: bool) -> None:
+    async def handler(body: ActionBody, raw_request: Request,
+                      actor: str = Depends(require_operator)) -> dict:
+        return await _apply(raw_request, actor, path.strip("/"),
+                            lambda r: r.set_flag(flag, value, actor, body.reason))
+
+    router.post(path, name=path.strip("/").replace("/", "_"))(handler)
+
+
+_flag_route("/pin", "pinned", True)
+_flag_route("/unpin", "pinned", False)
+_flag_route("/learning/pause", "learning_paused", True)
+_flag_route("/learning/resume", "learning_paused", False)
