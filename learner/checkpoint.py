@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
+from shared.files import fsync_tree
+
 STATE = "state.json"
 
 
@@ -49,10 +51,7 @@ def save(root: Path, state: CheckpointState, model, optimizer) -> Path:
         model.save_pretrained(staging / "adapter")
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         (staging / STATE).write_text(state.model_dump_json(indent=2))
-        for path in [*staging.rglob("*"), staging]:
-            fd = os.open(path, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
+        fsync_tree(staging)
         os.rename(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -49,7 +49,7 @@ def describe(registry, state: RegistryState, loaded: set[int]) -> dict:
             "version": version, "state": state.states.get(version, "candidate"),
             "loaded": version in loaded, "parent_version": manifest.parent_version,
             "steps": manifest.steps, "created_at": manifest.created_at.isoformat(),
-            "metrics": manifest.metrics, "gate": manifest.gate,
+            "metrics": manifest.metrics, "gate": state.gate_results.get(version),
         })
     return {"live": state.live, "pinned": state.pinned, "learning_paused": state.learning_paused,
             "revision": state.revision, "versions": versions}

@@ -27,6 +27,7 @@ from typing import Callable
 from kafka import KafkaProducer
 
 from serving import metrics
+from shared.files import fsync_path
 from shared.schemas import INTERACTION_SCHEMA_VERSION, SCHEMA_VERSION_HEADER, InteractionRecord
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,6 @@ class _Pending:
 
 def _segment_path(directory: Path, seq: int) -> Path:
     return directory / f"segment-{seq:06d}.jsonl"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Outbox:
@@ -195,7 +188,7 @@ class Outbox:
             self._segment.close()
             self._segment_seq += 1
             self._segment = _segment_path(self.directory, self._segment_seq).open("ab")
-            _fsync_dir(self.directory)
+            fsync_path(self.directory)
 
     # -- forwarder ------------------------------------------------------------------------------
     def _forward_loop(self) -> None:

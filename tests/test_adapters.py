@@ -18,7 +18,8 @@ import pytest
 
 from shared.config import KafkaConfig
 from shared.kafka import EmbeddedBroker, ensure_topics
-from shared.registry import MANIFEST, WEIGHTS, Registry, file_sha256
+from shared.files import file_sha256
+from shared.registry import MANIFEST, WEIGHTS, Registry
 from shared.synthetic import publish_random
 from tests.conftest import API_KEY, REPO, json_result, read_records, start_server
 
