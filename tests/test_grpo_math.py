@@ -292,3 +292,23 @@ def test_sequence_logprobs_left_padding_and_reference(tiny):
         torch.testing.assert_close(logp[i, :n].double(), policy_lp[i], atol=1e-5, rtol=0)
         assert not torch.allclose(logp[i, :n], ref[i, :n])
         assert (logp[i, n:] == 0).all() and (ref[i, n:] == 0).all()
+
+
+def test_grpo_step_updates_only_the_adapter(tiny):
+    from learner.policy import apply_lora, grpo_step, lora_layers, make_optimizer
+    from shared.config import LearnerConfig
+
+    tok, base = tiny
+    cfg = LearnerConfig(lr=1e-3).cpu_sized()
+    examples = [([5, 6, 7, 8, 9], [0, 0, 0, 1, 1]), ([11, 12, 13, 14], [0, 1, 1, 1])] * 2
+    batch = collate(examples, tok.pad_token_id)
+    rewards = torch.tensor([[1.0, 4.0], [2.0, 0.0]])
+    batch["advantages"] = group_advantages(rewards, torch.ones(2, 2, dtype=torch.bool)).view(4)
+    model = apply_lora(base, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats = grpo_step(model, lora_layers(model), make_optimizer(model, cfg), batch, cfg)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    model.unload()
+    assert changed and all("lora_" in n for n in changed)
+    assert all(torch.isfinite(v) for v in stats.values())
+    assert stats["kl"] == 0  # fresh adapter: B = 0, the policy is the reference
