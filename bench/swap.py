@@ -5,8 +5,9 @@ served by the new version, while clients keep the server busy. Writes JSON.
     python bench/swap.py --model PATH --swaps 20 --clients 4
 
 Two synthetic adapter versions (real PEFT LoRA files, rank 16 on every linear layer) are
-published, then promoted alternately. Each swap reports: the admin call's own latency (the load
-into the engine happens inside it on first use) and command -> first new-version response.
+published, then promoted alternately. Each swap reports: the admin call's own latency (the
+alias has moved when it returns; the first use of a version also loads it into the engine) and
+command -> first new-version response, which includes one whole request under this load.
 """
 
 from __future__ import annotations
@@ -87,18 +88,21 @@ def main() -> None:
 def run(url: str, args: argparse.Namespace) -> dict:
     body = {"model": "dynalign", "max_tokens": args.max_tokens, "temperature": 0,
             "messages": [{"role": "user", "content": "Plan my week"}]}
-    seen: list[tuple[float, str]] = []
+    seen: list[tuple[float, str]] = []  # (end time, version)
+    latencies: list[float] = []
     failures: list[str] = []
     stop = threading.Event()
 
     def client() -> None:
         with httpx.Client(timeout=120) as http:
             while not stop.is_set():
+                start = time.monotonic()
                 r = http.post(f"{url}/v1/chat/completions", json=body)
                 if r.status_code != 200:
                     failures.append(r.text)
                 else:
                     seen.append((time.monotonic(), r.headers["x-dynalign-adapter-version"]))
+                    latencies.append(time.monotonic() - start)
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(args.clients)]
     for t in threads:
@@ -129,6 +133,8 @@ def run(url: str, args: argparse.Namespace) -> dict:
         "failed_requests": len(failures),
         "command_s": {"p50": statistics.median(commands), "max": max(commands)},
         "first_response_s": {"p50": statistics.median(firsts), "max": max(firsts)},
+        # A first response needs one whole request after the switch: compare with this.
+        "request_latency_s": {"p50": statistics.median(latencies), "max": max(latencies)},
         "swaps": swaps,
     }
 

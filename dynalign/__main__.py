@@ -1,4 +1,3 @@
-from dynalign.cli import app
+from dynalign.cli import main
 
-if __name__ == "__main__":
-    app()
+main()
