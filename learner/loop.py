@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from learner import checkpoint, metrics
+from learner import checkpoint, drift, metrics
 from learner.checkpoint import CheckpointState
 from learner.consumer import PromptSource
 from learner.gate import Gate
@@ -177,6 +177,9 @@ class Learner:
             seconds={"batch": t1 - t0, "rollout": t2 - t1, "reward": t3 - t2, "update": t4 - t3},
         )
         self._export(report, scored, lengths)
+        # Rewards stay [P*G] with NaN for unscored candidates so they pair with `lengths`.
+        drift.MONITOR.observe_step(rewards.flatten().tolist(), lengths,
+                                   report.zero_variance_groups, self.parent_version)
         _crash_point("mid-step")
         if self.step % lc.checkpoint_every_steps == 0:
             report.candidate_version = self.checkpoint(report)
@@ -211,6 +214,7 @@ class Learner:
             result = self.gate.evaluate(self.engine.lora, live_lora)
         finally:
             self.engine.drop(live_lora)
+        drift.record_gate_result(version, result.win_rate, result.kl, result.ifeval_candidate)
         state, action = self.store.apply_gate(version, result.model_dump(),
                                               self.cfg.gate.auto_promote)
         log.info("gate v%d: %s (%s)", version, action, "; ".join(result.reasons) or "passed")

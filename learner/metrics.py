@@ -33,3 +33,48 @@ STEP_SECONDS = Histogram("dynalign_learner_step_seconds", "Wall time of one lear
                          ["phase"], buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
 LAST_CANDIDATE_VERSION = Gauge("dynalign_learner_last_candidate_version",
                                "Adapter version of the newest candidate the learner published.")
+
+# -- Drift and reward-hacking signals (learner/drift.py), one series per adapter version ----------
+# `adapter_version` is the version the policy descends from ("base" before the first one), as
+# on the server's metrics. Only the newest few versions keep their series.
+_VERSION = ["adapter_version"]
+DRIFT_REWARD_PSI = Gauge(
+    "dynalign_learner_drift_reward_psi",
+    "Population stability index of self-rewards, recent window vs reference (6 bins over 0-5).",
+    _VERSION)
+DRIFT_REWARD_JS = Gauge(
+    "dynalign_learner_drift_reward_js_bits",
+    "Jensen-Shannon divergence (base 2, 0-1) of self-rewards, recent window vs reference.",
+    _VERSION)
+DRIFT_REWARD_SATURATION = Gauge(
+    "dynalign_learner_drift_reward_saturation_ratio",
+    "Share of the recent window's self-rewards that round to 5 (the top of the scale).", _VERSION)
+DRIFT_ZERO_VARIANCE_GROUPS = Gauge(
+    "dynalign_learner_drift_zero_variance_group_ratio",
+    "Share of groups with all-equal rewards over the recent window (no GRPO signal).", _VERSION)
+DRIFT_COMPLETION_TOKENS_MEAN = Gauge(
+    "dynalign_learner_drift_completion_tokens_mean",
+    "Mean rollout completion length in tokens over the recent window.", _VERSION)
+DRIFT_COMPLETION_TOKENS_P95 = Gauge(
+    "dynalign_learner_drift_completion_tokens_p95",
+    "95th percentile of rollout completion length in tokens over the recent window.", _VERSION)
+DRIFT_COMPLETION_TOKENS_PSI = Gauge(
+    "dynalign_learner_drift_completion_tokens_psi",
+    "Population stability index of completion lengths, recent window vs reference.", _VERSION)
+DRIFT_LENGTH_REWARD_SPEARMAN = Gauge(
+    "dynalign_learner_drift_length_reward_spearman",
+    "Spearman rank correlation of completion length with self-reward over the recent window "
+    "(NaN when either is constant).", _VERSION)
+PROBE_KL = Gauge(
+    "dynalign_learner_probe_kl_nats",
+    "Mean per-token KL(version || base) on the gate's fixed probe prompts.", _VERSION)
+GATE_WIN_RATIO = Gauge(
+    "dynalign_learner_gate_win_ratio",
+    "Gate: share of consistent pairwise judgements the version won against live.", _VERSION)
+IFEVAL_CANARY_ACCURACY = Gauge(
+    "dynalign_learner_ifeval_canary_accuracy_ratio",
+    "IFEval canary prompt-level strict accuracy of the version.", _VERSION)
+JUDGE_AGREEMENT = Gauge(
+    "dynalign_learner_judge_agreement_ratio",
+    "Audited sample: share of candidates whose self-score is within 1 point of the external "
+    "judge's score.", _VERSION)

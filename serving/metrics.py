@@ -1,6 +1,7 @@
 """The server's Prometheus metrics (prefix `dynalign_`, units in names, `_total` counters).
 
-vLLM's own engine metrics (`vllm:*`) are exported beside these on the same /metrics.
+The engine runs with vLLM's `--disable-log-stats` (as the benchmark's `vllm serve` anchor does),
+so vLLM's own `vllm:*` metrics are not exported.
 """
 
 from prometheus_client import Counter, Gauge, Histogram
