@@ -38,9 +38,8 @@ class GateResult(BaseModel):
     kl: float
     length_ratio: float
     unparsable_rate: float
-
-    def as_manifest(self) -> dict[str, Any]:
-        return self.model_dump()
+    ifeval_candidate: float | None = None
+    ifeval_live: float | None = None
 
 
 def probe_prompts(cfg: GateConfig) -> list[list[dict[str, str]]]:
@@ -57,6 +56,13 @@ class Gate:
         self.model, self.layers, self.tokenizer = model, layers, tokenizer
         self.probes = probe_prompts(cfg)
         self.letter_ids = [engine.single_token_id(letter) for letter in "AB"]
+        if cfg.ifeval_prompts:
+            from shared.ifeval import load_examples, prepare_offline_nltk
+
+            prepare_offline_nltk()
+            self.ifeval_examples = load_examples(limit=cfg.ifeval_prompts)
+            self.ifeval_chats = [[{"role": "user", "content": e.prompt}]
+                                 for e in self.ifeval_examples]
 
     def evaluate(self, candidate_lora, live_lora) -> GateResult:
         """candidate_lora / live_lora: vLLM LoRARequests (None = the base model)."""
@@ -71,6 +77,8 @@ class Gate:
         scores = self.engine.self_scores(self.probes, [[c] for c in mine], lora=candidate_lora)
         unparsable = sum(s[0] is None for s in scores) / len(scores)
 
+        ifeval = self._ifeval(candidate_lora, live_lora) if self.cfg.ifeval_prompts else None
+
         reasons = []
         if summary.win_rate is not None and summary.win_rate < self.cfg.min_win_rate:
             reasons.append(f"pairwise win rate {summary.win_rate:.2f} < {self.cfg.min_win_rate} "
@@ -82,10 +90,28 @@ class Gate:
         if unparsable > self.cfg.max_unparsable_rate:
             reasons.append(f"unparsable self-scores {unparsable:.0%} > "
                            f"{self.cfg.max_unparsable_rate:.0%}")
+        if ifeval and ifeval[1] - ifeval[0] > self.cfg.max_ifeval_drop:
+            reasons.append(f"IFEval canary fell from {ifeval[1]:.2f} to {ifeval[0]:.2f} "
+                           f"(> {self.cfg.max_ifeval_drop} drop)")
         return GateResult(passed=not reasons, reasons=reasons, win_rate=summary.win_rate,
                           wins=summary.wins, losses=summary.losses,
                           inconsistent=summary.inconsistent, kl=kl, length_ratio=length_ratio,
-                          unparsable_rate=unparsable)
+                          unparsable_rate=unparsable,
+                          ifeval_candidate=ifeval[0] if ifeval else None,
+                          ifeval_live=ifeval[1] if ifeval else None)
+
+    def _ifeval(self, candidate_lora, live_lora) -> tuple[float, float]:
+        """Prompt-level strict IFEval accuracy of (candidate, live) on the canary subset, with
+        the reference checkers (offline)."""
+        from shared.ifeval import evaluate_responses
+
+        accuracies = []
+        for lora in (candidate_lora, live_lora):
+            answers = self.engine.greedy(self.ifeval_chats, lora, self.cfg.max_new_tokens)
+            responses = {e.prompt: a.text for e, a in zip(self.ifeval_examples, answers)}
+            accuracies.append(evaluate_responses(self.ifeval_examples, responses)[0]
+                              .prompt_level_strict)
+        return accuracies[0], accuracies[1]
 
     def _judge(self, prompts: list[str], mine: list[str], theirs: list[str],
                policy_lora) -> list[tuple[Verdict, Verdict]]:

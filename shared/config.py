@@ -117,9 +117,13 @@ class GateConfig(BaseModel):
     max_kl: float = 0.5  # nats per token, candidate vs base, on the candidate's answers
     max_length_ratio: float = 1.5  # mean answer length, candidate / live
     max_unparsable_rate: float = 0.5
+    # Capability canary: IFEval prompt-level strict accuracy on the first N prompts, candidate
+    # vs live; 0 turns it off.
+    ifeval_prompts: int = 24
+    max_ifeval_drop: float = 0.15
 
     def cpu_sized(self) -> "GateConfig":
-        smaller = dict(probe_limit=6, max_new_tokens=48)
+        smaller = dict(probe_limit=6, max_new_tokens=48, ifeval_prompts=8)
         return self.model_copy(
             update={k: v for k, v in smaller.items() if k not in self.model_fields_set}
         )

@@ -232,6 +232,7 @@ def test_gate_rejects_an_exploding_candidate_and_accepts_a_sound_one(tmp_path, t
     assert state["versions"] == [1, 2]
     assert state["live"] == 1 and state["states"]["1"] == "live"
     assert state["gate"]["1"]["passed"] is True
+    assert 0 <= state["gate"]["1"]["ifeval_candidate"] <= 1  # the IFEval canary ran
     assert state["states"]["2"] == "rejected"
     reasons = state["gate"]["2"]["reasons"]
     assert any("KL to base" in r for r in reasons), reasons
