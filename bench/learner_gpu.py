@@ -156,7 +156,7 @@ def run_ours(variant, shape, cfg, batch, device, dtype, args, lora_init):
     model.train()
     try:
         return timed(
-            lambda: policy.grpo_step(model, layers, optimizer, batch, cfg),
+            lambda: policy.grpo_step(model, layers, optimizer, [batch], cfg),
             device,
             args.warmup,
             args.steps,

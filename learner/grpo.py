@@ -103,17 +103,21 @@ def grpo_loss(
     mask: Tensor,
     clip_eps: float,
     beta: float,
+    n_tokens: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate + beta * k3 KL, averaged over every completion token of the batch.
 
     logp, old_logp, ref_logp [B, T]; advantages [B]; mask [B, T] -> (scalar loss, stats).
+    n_tokens: the completion tokens of the whole optimiser step when this is one micro-batch of
+    it (default: mask's); dividing each micro-batch by the total makes the accumulated gradients
+    and summed stats those of the whole batch, as TRL's num_items_in_batch does.
     Aggregation is TRL 1.16's default loss_type="dapo": sum over all unmasked tokens / their count
     (no per-sequence mean, so long answers are not down-weighted). The KL term is plain k3, i.e.
     TRL with use_bias_correction_kl=False (its default True multiplies the KL by the ratio).
     ref_logp may be None when beta == 0. Stats are detached 0-dim tensors (no host sync).
     """
     m = mask.bool()
-    n = m.sum().clamp(min=1)
+    n = (m.sum() if n_tokens is None else n_tokens).clamp(min=1)
     a = advantages[:, None]  # [B, 1]
     ratio = torch.exp(logp - old_logp)
     per_token = -torch.min(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
@@ -184,3 +188,22 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
     return dict(
         input_ids=input_ids, attention_mask=attention_mask, completion_mask=attention_mask[:, P:]
     )
+
+
+def micro_batches(batch: dict[str, Tensor], size: int) -> list[dict[str, Tensor]]:
+    """collate()'s batch (plus per-row tensors such as "advantages") -> row slices of at most
+    `size` completions for gradient accumulation, each without the columns that are padding in
+    all of its rows: the G completions of a prompt share its length, so a group-sized slice
+    carries no prompt padding. Same layout as collate()'s; CPU tensors (no device sync)."""
+    C = batch["completion_mask"].size(1)
+    slices = []
+    for start in range(0, batch["input_ids"].size(0), size):
+        rows = {k: v[start : start + size] for k, v in batch.items()}
+        P = rows["input_ids"].size(1) - C
+        first = int(rows["attention_mask"][:, :P].any(0).int().argmax())  # left padding ends
+        width = max(1, int(rows["completion_mask"].any(0).sum()))  # right padding starts
+        for key in ("input_ids", "attention_mask"):
+            rows[key] = rows[key][:, first : P + width]
+        rows["completion_mask"] = rows["completion_mask"][:, :width]
+        slices.append(rows)
+    return slices

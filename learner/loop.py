@@ -26,7 +26,7 @@ from learner import checkpoint, drift, metrics
 from learner.checkpoint import CheckpointState
 from learner.consumer import PromptSource
 from learner.gate import Gate
-from learner.grpo import collate, group_advantages, training_inputs
+from learner.grpo import collate, group_advantages, micro_batches, training_inputs
 from learner.policy import apply_lora, grpo_step, lora_layers, make_optimizer
 from learner.rollout import Completion, RolloutEngine
 from shared.config import DynalignConfig
@@ -152,9 +152,11 @@ class Learner:
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id
-        tensors = {k: v.to(self.device) for k, v in collate(examples, pad_id).items()}
-        tensors["advantages"] = advantages.flatten().to(self.device)
-        stats = grpo_step(self.model, self.layers, self.optimizer, tensors, lc)
+        batch_tensors = collate(examples, pad_id)
+        batch_tensors["advantages"] = advantages.flatten()
+        passes = [{k: v.to(self.device) for k, v in mb.items()}
+                  for mb in micro_batches(batch_tensors, lc.micro_batch_completions)]
+        stats = grpo_step(self.model, self.layers, self.optimizer, passes, lc)
         self.engine.load_policy(self.model.save_pretrained)
         t4 = time.perf_counter()
 
@@ -173,7 +175,7 @@ class Learner:
             loss=float(stats["loss"]),
             grad_norm=float(stats["grad_norm"]),
             completion_tokens=sum(lengths) / len(lengths),
-            tokens_per_s=(tensors["attention_mask"].sum().item() + sum(lengths)) / (t4 - t0),
+            tokens_per_s=(batch_tensors["attention_mask"].sum().item() + sum(lengths)) / (t4 - t0),
             seconds={"batch": t1 - t0, "rollout": t2 - t1, "reward": t3 - t2, "update": t4 - t3},
         )
         self._export(report, scored, lengths)

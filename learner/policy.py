@@ -97,29 +97,35 @@ def grpo_step(
     model: nn.Module,
     layers: list[BaseTunerLayer],
     optimizer: torch.optim.Optimizer,
-    batch: dict[str, Tensor],
+    batches: list[dict[str, Tensor]],
     cfg: LearnerConfig,
 ) -> dict[str, Tensor]:
-    """One on-policy GRPO update: reference log-probs (adapter off), policy log-probs, loss,
-    backward, clip, Adam. `batch` is collate()'s output plus "advantages" [B], on the model's
-    device. With one update per batch the old policy is the current one: old_logp = logp.detach()
-    (ratio 1 in value, the gradient of the surrogate still flows). Returns detached 0-dim stats;
+    """One on-policy GRPO update over the micro-batches of one optimiser step
+    (learner.grpo.micro_batches, on the model's device): per micro-batch reference log-probs
+    (adapter off), policy log-probs, loss, backward; then clip and Adam once. With one update per
+    batch the old policy is the current one: old_logp = logp.detach() (ratio 1 in value, the
+    gradient of the surrogate still flows). Returns detached 0-dim stats of the whole step;
     nothing here waits for the device."""
-    ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-    amp = torch.autocast(ids.device.type, torch.bfloat16, enabled=cfg.train_dtype == "bfloat16")
-    ref = None
-    if cfg.kl_beta != 0.0:
-        with torch.no_grad(), amp, adapters_disabled(layers):
-            ref = sequence_logprobs(model, ids, am, cm, cfg.temperature)
-    with amp:
-        logp = sequence_logprobs(model, ids, am, cm, cfg.temperature)
-    loss, stats = grpo_loss(
-        logp, logp.detach(), ref, batch["advantages"], cm, cfg.clip_eps, cfg.kl_beta
-    )
-    loss.backward()
+    amp = torch.autocast(batches[0]["input_ids"].device.type, torch.bfloat16,
+                         enabled=cfg.train_dtype == "bfloat16")
+    n_tokens = sum(b["completion_mask"].sum() for b in batches)
+    totals: dict[str, Tensor] = {}
+    for b in batches:
+        ids, am, cm = b["input_ids"], b["attention_mask"], b["completion_mask"]
+        ref = None
+        if cfg.kl_beta != 0.0:
+            with torch.no_grad(), amp, adapters_disabled(layers):
+                ref = sequence_logprobs(model, ids, am, cm, cfg.temperature)
+        with amp:
+            logp = sequence_logprobs(model, ids, am, cm, cfg.temperature)
+        loss, stats = grpo_loss(logp, logp.detach(), ref, b["advantages"], cm, cfg.clip_eps,
+                                cfg.kl_beta, n_tokens)
+        loss.backward()
+        stats["loss"] = loss.detach()
+        for key, value in stats.items():  # each is already a share of the whole step's tokens
+            totals[key] = totals[key] + value if key in totals else value
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    stats["grad_norm"] = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    totals["grad_norm"] = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    stats["loss"] = loss.detach()
-    return stats
+    return totals

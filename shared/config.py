@@ -71,6 +71,9 @@ class LearnerConfig(BaseModel):
 
     group_size: int = 8  # G
     batch_completions: int = 32  # completions per optimiser step (prompts = batch / G)
+    # Completions per forward/backward pass; gradients accumulate over the passes of a step
+    # (TRL: per_device_train_batch_size, with gradient_accumulation_steps = batch / this).
+    micro_batch_completions: int = Field(32, ge=1)
     lr: float = 5e-6
     clip_eps: float = 0.2
     kl_beta: float = 0.04
@@ -95,8 +98,8 @@ class LearnerConfig(BaseModel):
     def cpu_sized(self) -> "LearnerConfig":
         """What a 2-core CPU can step within minutes. Only settings the user did not set are
         changed; everything else stays the paper's."""
-        smaller = dict(batch_completions=16, max_new_tokens=48, checkpoint_every_steps=2,
-                       train_dtype="float32")
+        smaller = dict(batch_completions=16, micro_batch_completions=8, max_new_tokens=48,
+                       checkpoint_every_steps=2, train_dtype="float32")
         return self.model_copy(
             update={k: v for k, v in smaller.items() if k not in self.model_fields_set}
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import types
 from collections import defaultdict
@@ -16,6 +17,7 @@ from learner.grpo import (
     group_advantages,
     grpo_loss,
     kl_k3,
+    micro_batches,
     prompt_ids,
     rollout_messages,
     token_logprobs,
@@ -306,9 +308,48 @@ def test_grpo_step_updates_only_the_adapter(tiny):
     batch["advantages"] = group_advantages(rewards, torch.ones(2, 2, dtype=torch.bool)).view(4)
     model = apply_lora(base, cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    stats = grpo_step(model, lora_layers(model), make_optimizer(model, cfg), batch, cfg)
+    stats = grpo_step(model, lora_layers(model), make_optimizer(model, cfg), [batch], cfg)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     model.unload()
     assert changed and all("lora_" in n for n in changed)
     assert all(torch.isfinite(v) for v in stats.values())
     assert stats["kl"] == 0  # fresh adapter: B = 0, the policy is the reference
+
+
+def test_micro_batches_drop_padding_and_accumulate_to_the_one_pass_step(tiny):
+    from learner.policy import apply_lora, grpo_step, lora_layers
+    from shared.config import LearnerConfig
+
+    tok, base = tiny
+    cfg = LearnerConfig(train_dtype="float32")  # bf16 rounding depends on the batch's shape
+    # Two groups of two: 3-token prompts with short answers, 1-token prompts with longer ones.
+    examples = [([5, 6, 7, 8, 9], [0, 0, 0, 1, 1]), ([5, 6, 7, 8], [0, 0, 0, 1]),
+                ([11, 12, 13, 14, 15, 16], [0, 1, 1, 1, 1, 1]), ([11, 12, 13], [0, 1, 1])]
+    batch = collate(examples, tok.pad_token_id)
+    batch["advantages"] = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    parts = micro_batches(batch, 2)
+    assert batch["input_ids"].shape == (4, 3 + 5)
+    assert [p["input_ids"].shape for p in parts] == [(2, 3 + 2), (2, 1 + 5)]
+    assert parts[1]["input_ids"][0].tolist() == [11, 12, 13, 14, 15, 16]
+    assert parts[1]["completion_mask"][1].tolist() == [1, 1, 0, 0, 0]
+    assert parts[1]["advantages"].tolist() == [0.5, -0.5]
+
+    def step(batches):
+        torch.manual_seed(0)
+        model = apply_lora(copy.deepcopy(base), cfg)
+        with torch.no_grad():  # B != 0: the policy differs from the reference, KL > 0
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        stats = grpo_step(model, lora_layers(model), torch.optim.SGD(trainable, lr=1.0),
+                          batches, cfg)
+        return [p.detach() for p in trainable], stats
+
+    one_pass, one_stats = step([batch])
+    accumulated, acc_stats = step(parts)
+    assert one_stats["kl"] > 0
+    for key in ("loss", "kl", "clip_frac", "grad_norm"):
+        torch.testing.assert_close(acc_stats[key], one_stats[key], atol=1e-6, rtol=1e-5)
+    for a, b in zip(accumulated, one_pass):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
