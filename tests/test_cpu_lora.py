@@ -1,0 +1,84 @@
+"""serving/cpu_lora.py: vLLM's CPU LoRA ops grouped by adapter give the per-token products."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serving import cpu_lora
+
+
+def _per_token(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    # vLLM's torch ops, spelled out: each token's matrix gathered, then an einsum; -1 = no adapter.
+    out = torch.einsum("ti,toi->to", x, w[idx.clamp(min=0)])
+    return out.masked_fill((idx < 0)[:, None], 0.0)
+
+
+@pytest.mark.parametrize("indices", [[2, 2, 2, 2, 2], [0, 2, -1, 0, 1], [-1, -1, -1, -1, -1]])
+def test_grouped_products_equal_per_token_ones(indices):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 6, generator=g), torch.randn(3, 1, 4, 6, generator=g)  # [T,I], [L,1,O,I]
+    idx = torch.tensor(indices)
+    expected = _per_token(x, w.squeeze(1), idx)
+    torch.testing.assert_close(cpu_lora.lora_matmul(x, w, idx, torch.float32), expected)
+
+    shrunk = torch.full((5, 4), 7.0)  # overwritten, scaled
+    cpu_lora.bgmv_shrink(x, w, shrunk, idx, scaling=0.5)
+    torch.testing.assert_close(shrunk, 0.5 * expected)
+    wide = torch.ones(5, 10)  # the slice [3, 7) gets the products added
+    cpu_lora.bgmv_expand_slice(x, w, wide, idx, 3, 4, add_inputs=True)
+    torch.testing.assert_close(wide[:, 3:7], 1 + expected)
+    assert (wide[:, :3] == 1).all() and (wide[:, 7:] == 1).all()
+    padded = torch.zeros(5, 3)  # the model's output narrower than the adapter's: cut
+    cpu_lora.bgmv_expand(x, w, padded, idx, add_inputs=False)
+    torch.testing.assert_close(padded, expected[:, :3])
+
+
+def _prompt_logprobs(output) -> list[float]:
+    return [next(iter(d.values())).logprob for d in output.prompt_logprobs[1:]]
+
+
+@pytest.mark.slow
+def test_engine_runs_the_grouped_ops_and_matches_peft(tiny_model, tmp_path):
+    """A random adapter through vLLM gives PEFT's log-probs, and a request without adapter in
+    the same batch gives the base model's, though the adapter holds the engine's last slot
+    (vLLM's own CPU ops apply it to that request too: this fails without the plugin)."""
+    from transformers import AutoModelForCausalLM
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from learner.policy import apply_lora
+    from shared.config import LearnerConfig
+
+    torch.manual_seed(0)
+    peft_model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model), LearnerConfig())
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    prompt = list(range(40, 90))
+    with torch.no_grad():
+        logits = peft_model(torch.tensor([prompt])).logits[0, :-1].log_softmax(-1)
+        peft_logprobs = logits.gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1)
+        with peft_model.disable_adapter():
+            logits = peft_model(torch.tensor([prompt])).logits[0, :-1].log_softmax(-1)
+        base_logprobs = logits.gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1)
+
+    llm = LLM(model=str(tiny_model), dtype="float32", enable_lora=True, max_loras=1,
+              max_lora_rank=16, max_model_len=256, enforce_eager=True, seed=0)
+    try:
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+        adapter = LoRARequest("random", 1, str(tmp_path / "adapter"))
+        # One batch: the same prompt without adapter, then with it.
+        without, with_adapter = llm.generate(
+            [{"prompt_token_ids": prompt}] * 2, params, lora_request=[None, adapter],
+            use_tqdm=False)
+        torch.testing.assert_close(torch.tensor(_prompt_logprobs(with_adapter)), peft_logprobs,
+                                   atol=2e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(_prompt_logprobs(without)), base_logprobs,
+                                   atol=2e-4, rtol=0)
+        assert (peft_logprobs - base_logprobs).abs().max() > 0.1  # the adapter matters
+    finally:
+        llm.llm_engine.engine_core.shutdown()
