@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from learner import metrics
 from shared.config import DynalignConfig
 from shared.kafka import consumer, producer
-from shared.schemas import INTERACTION_SCHEMA_VERSION, SCHEMA_VERSION_HEADER, InteractionRecord
+from shared.schemas import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION_HEADER, InteractionRecord
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainingPrompt:
     record_id: str
-    user_hash: str
+    principal_hash: str  # whose share of training this prompt counts against
     messages: list[dict[str, Any]]
 
 
@@ -177,10 +177,10 @@ class KafkaPromptSource:
             prompt = self._read(message)
             if prompt is None:
                 continue
-            if per_user[prompt.user_hash] >= cap:
+            if per_user[prompt.principal_hash] >= cap:
                 metrics.RECORDS_SKIPPED.labels("user_share").inc()
                 continue
-            per_user[prompt.user_hash] += 1
+            per_user[prompt.principal_hash] += 1
             prompts.append(prompt)
             if len(prompts) == size:
                 return PromptBatch(prompts, dict(self._next))
@@ -190,7 +190,7 @@ class KafkaPromptSource:
         metrics.RECORDS_CONSUMED.inc()
         headers = {k: v for k, v in message.headers or []}
         version = headers.get(SCHEMA_VERSION_HEADER, b"").decode(errors="replace")
-        if version != str(INTERACTION_SCHEMA_VERSION):
+        if version not in {str(v) for v in READABLE_SCHEMA_VERSIONS}:
             return self._dead_letter(message, f"unsupported_schema_version:{version or 'missing'}")
         try:
             record = InteractionRecord.model_validate_json(message.value)
@@ -198,7 +198,8 @@ class KafkaPromptSource:
             return self._dead_letter(message, f"invalid_record: {exc.errors()[0]['msg']} "
                                               f"at {exc.errors()[0]['loc']}")
         try:
-            prompt = TrainingPrompt(record.id, record.user_hash, training_messages(record.messages))
+            prompt = TrainingPrompt(record.id, record.principal_hash,
+                                    training_messages(record.messages))
             self.filter.check(prompt)
         except Unusable as skip:
             metrics.RECORDS_SKIPPED.labels(skip.reason).inc()

@@ -84,11 +84,18 @@ async def require_api_key(raw_request: Request) -> None:
         raise HTTPException(HTTPStatus.UNAUTHORIZED, "Invalid or missing API key.")
 
 
-def user_hash(state: ServerState, request: ChatCompletionRequest, raw_request: Request) -> str:
-    """The learner caps each user's share of a batch; it only needs a stable pseudonym."""
-    identity = request.user or bearer_key(raw_request) or "anonymous"
+def pseudonym(state: ServerState, identity: str) -> str:
     salt = state.cfg.serving.user_hash_salt.get_secret_value().encode()
     return hmac.new(salt, identity.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def identities(state: ServerState, request: ChatCompletionRequest,
+               raw_request: Request) -> tuple[str, str]:
+    """(principal_hash, user_hash). The principal is who authenticated (the API key), which a
+    client cannot vary; `user` only subdivides a principal, so it never widens a share."""
+    principal = bearer_key(raw_request) or "anonymous"
+    user = f"{principal}\0{request.user}" if request.user else principal
+    return pseudonym(state, principal), pseudonym(state, user)
 
 
 def opted_out(request: ChatCompletionRequest, raw_request: Request) -> bool:
@@ -121,6 +128,7 @@ class Interaction:
     route: Route
     request: ChatCompletionRequest
     messages: list[dict[str, Any]]
+    principal: str
     user: str
     conversation: str
     log_for_training: bool
@@ -167,6 +175,7 @@ class Interaction:
             model_alias=self.route.alias,
             adapter_version=self.route.adapter_version,
             user_hash=self.user,
+            principal_hash=self.principal,
             messages=self.messages,
             response=choices,
             sampling=SamplingParams(
@@ -241,9 +250,10 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
 
     # The body is already parsed and cached by FastAPI; the raw messages serialise cleanly.
     messages = (await raw_request.json())["messages"]
-    who = user_hash(state, request, raw_request)
+    principal, who = identities(state, request, raw_request)
     interaction = Interaction(
-        state=state, route=route, request=request, messages=messages, user=who,
+        state=state, route=route, request=request, messages=messages, principal=principal,
+        user=who,
         conversation=conversation_id(messages, who, raw_request, request),
         log_for_training=not opted_out(request, raw_request),
     )

@@ -28,3 +28,16 @@ def fsync_tree(root: Path) -> None:
     """Everything under `root`, then `root` itself: before renaming a staged tree into place."""
     for path in [*Path(root).rglob("*"), Path(root)]:
         fsync_path(path)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash leaves either the old or the new content:
+    write a temp file, fsync it, rename it over `path`, fsync the directory (the rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)

@@ -11,9 +11,11 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-INTERACTION_SCHEMA_VERSION = 1
+INTERACTION_SCHEMA_VERSION = 2
+# Versions a consumer can read. v1 had no principal_hash: it reads as the user_hash.
+READABLE_SCHEMA_VERSIONS = frozenset({1, 2})
 SCHEMA_VERSION_HEADER = "schema-version"
 
 
@@ -46,11 +48,15 @@ class InteractionRecord(BaseModel):
     """One served chat completion, as the learner will replay it.
 
     `messages` are the request's messages as the client sent them (OpenAI chat format);
-    `adapter_version` is None when the base model served the request."""
+    `adapter_version` is None when the base model served the request.
+
+    `principal_hash` pseudonymises who authenticated (the API key; "anonymous" without keys):
+    the learner caps each principal's share of training by it, because the client chooses
+    `user` freely. `user_hash` pseudonymises the principal and the `user` field together."""
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: Literal[1] = INTERACTION_SCHEMA_VERSION
+    schema_version: Literal[1, 2] = INTERACTION_SCHEMA_VERSION
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     conversation_id: str
     created_at: datetime
@@ -58,6 +64,7 @@ class InteractionRecord(BaseModel):
     model_alias: str
     adapter_version: int | None
     user_hash: str
+    principal_hash: str = ""
     messages: list[dict[str, Any]]
     response: list[Choice]
     sampling: SamplingParams
@@ -65,3 +72,9 @@ class InteractionRecord(BaseModel):
     latency_ms: float
     ttft_ms: float | None
     finish_reason: str | None
+
+    @model_validator(mode="after")
+    def _v1_principal(self) -> "InteractionRecord":
+        if not self.principal_hash:  # schema v1 records: the user was the only identity
+            self.principal_hash = self.user_hash
+        return self
