@@ -104,7 +104,11 @@ def start(kind: str, engine_args: list[str], workdir: Path, bootstrap: str) -> t
     log = workdir / f"{kind}.log"
     env = dict(os.environ)
     if kind == "dynalign":
-        env.update(DYNALIGN_SERVING__OUTBOX_DIR=str(workdir / "outbox"))
+        # The anchor has no per-client limits; lift ours so the bench measures serving alone.
+        env.update(DYNALIGN_SERVING__OUTBOX_DIR=str(workdir / "outbox"),
+                   DYNALIGN_SERVING__USER_HASH_SALT="bench",
+                   DYNALIGN_SERVING__RATE_LIMIT_PER_CLIENT="1e9",
+                   DYNALIGN_SERVING__RATE_LIMIT_BURST="1000000000")
         cmd = [sys.executable, "-m", "dynalign", "serve", "--port", str(port), "--kafka", bootstrap,
                "--model", engine_args[0]]
     else:

@@ -56,8 +56,9 @@ def main() -> None:
             publish_random(registry, model_dir, rank=16, seed=seed, scale=0.05)
         port = free_port()
         env = {**os.environ, "DYNALIGN_REGISTRY__STORE": str(registry.root),
-               "DYNALIGN_SERVING__OPERATOR_TOKENS": json.dumps([TOKEN]),
-               "DYNALIGN_SERVING__OUTBOX_DIR": str(Path(tmp) / "outbox")}
+               "DYNALIGN_SERVING__OPERATOR_TOKENS": json.dumps({"bench": TOKEN}),
+               "DYNALIGN_SERVING__OUTBOX_DIR": str(Path(tmp) / "outbox"),
+               "DYNALIGN_SERVING__USER_HASH_SALT": "bench"}
         log = open(Path(tmp) / "server.log", "wb")
         server = subprocess.Popen([sys.executable, "-m", "dynalign", "serve", "--port", str(port),
                                    "--kafka", broker.bootstrap, "--model", str(model_dir)],

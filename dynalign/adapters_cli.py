@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.config import DynalignConfig, load_config
-from shared.registry import Registry, RegistryError, RegistryState, adapter_problems, announce
+from shared.registry import Registry, RegistryError, RegistryState, announce, verify_adapter
 
 adapters_app = typer.Typer(no_args_is_help=True, help=__doc__)
 console = Console()
@@ -136,11 +136,11 @@ def promote(version: int, config: ConfigOpt = None, store: StoreOpt = None,
     try:
         if version not in registry.versions():
             raise RegistryError(f"v{version} does not exist (versions: {registry.versions()})")
-        problems = adapter_problems(registry.path(version),
-                                    base_fingerprint(resolve_model_path(cfg.model)),
-                                    cfg.model.max_lora_rank)
-        if problems:
-            raise RegistryError("; ".join(problems))
+        verified = verify_adapter(registry.path(version),
+                                  base_fingerprint(resolve_model_path(cfg.model)),
+                                  cfg.model.max_lora_rank)
+        if verified.problems:
+            raise RegistryError("; ".join(verified.problems))
         state = registry.promote(version, _actor(), reason)
     except RegistryError as exc:
         _fail(exc)

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -35,20 +37,57 @@ KafkaOpt = Annotated[Optional[str], typer.Option(
     "--kafka", help="Kafka bootstrap servers (host:port,...).")]
 HostOpt = Annotated[Optional[str], typer.Option("--host")]
 PortOpt = Annotated[Optional[int], typer.Option("--port")]
+EngineArgOpt = Annotated[Optional[list[str]], typer.Option(
+    "--engine-arg", help="Any `vllm serve` engine flag as KEY=VALUE (repeatable), e.g. "
+    "max_num_seqs=64; checked by vLLM's own parser.")]
+InsecureOpt = Annotated[bool, typer.Option(
+    "--insecure-no-auth", help="Serve a non-loopback address without API keys.")]
+
+
+def _engine_args(pairs: list[str] | None) -> dict:
+    """KEY=VALUE pairs; VALUE read as JSON when it is JSON (64, false, {"a": 1}), else text."""
+    parsed = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}",
+                                     param_hint="--engine-arg")
+        try:
+            parsed[key.strip()] = json.loads(value)
+        except ValueError:
+            parsed[key.strip()] = value
+    return parsed
 
 
 def _config(config: Path | None, model: str | None, kafka: str | None, host: str | None,
-            port: int | None) -> DynalignConfig:
-    return load_config(config, model={"path": model}, kafka={"bootstrap": kafka},
-                       serving={"host": host, "port": port})
+            port: int | None, engine_args: list[str] | None = None,
+            insecure_no_auth: bool = False) -> DynalignConfig:
+    cfg = load_config(config, model={"path": model}, kafka={"bootstrap": kafka},
+                      serving={"host": host, "port": port,
+                               "insecure_no_auth": insecure_no_auth or None})
+    cfg.model.engine_args = {**cfg.model.engine_args, **_engine_args(engine_args)}
+    return cfg
+
+
+def _refuse(exc: Exception) -> None:
+    """A configuration the server must not run with: say why, exit non-zero."""
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(2)
 
 
 def _run_server(cfg: DynalignConfig) -> None:
     import uvicorn
 
+    from serving.engine import EngineArgsError, parse_vllm_args, vllm_cli_args
     from serving.outbox import Outbox
-    from serving.server import create_app
+    from serving.server import InsecureConfig, check_exposure, create_app
     from shared.kafka import ensure_topics, producer
+
+    try:  # before anything starts
+        check_exposure(cfg)
+        parse_vllm_args(vllm_cli_args(cfg.model, cfg.serving))
+    except (InsecureConfig, EngineArgsError) as exc:
+        _refuse(exc)
 
     def connect():
         # Called on every (re)connect: a broker that came back empty gets its topics again.
@@ -71,16 +110,35 @@ def _run_server(cfg: DynalignConfig) -> None:
 
 @app.command()
 def serve(config: ConfigOpt = None, model: ModelOpt = None, kafka: KafkaOpt = None,
-          host: HostOpt = None, port: PortOpt = None) -> None:
+          host: HostOpt = None, port: PortOpt = None, engine_arg: EngineArgOpt = None,
+          insecure_no_auth: InsecureOpt = False) -> None:
     """Serve the OpenAI-compatible chat endpoint; log interactions to Kafka."""
-    cfg = _config(config, model, kafka, host, port)
+    cfg = _config(config, model, kafka, host, port, engine_arg, insecure_no_auth)
     if not cfg.kafka.bootstrap:
         raise typer.BadParameter("serve needs --kafka (or DYNALIGN_KAFKA__BOOTSTRAP); "
                                  "`dynalign up` starts an embedded broker", param_hint="--kafka")
     _run_server(cfg)
 
 
-def _spawn_learner(cfg: DynalignConfig, config: Path | None):
+def _demo_salt(cfg: DynalignConfig) -> None:
+    """`dynalign up` needs no set-up: a random salt is generated once and kept (0600) beside
+    the server's outbox, so pseudonyms stay stable across restarts of the demo."""
+    import secrets
+
+    from pydantic import SecretStr
+
+    if cfg.serving.user_hash_salt is not None:
+        return
+    path = cfg.serving.outbox_dir.parent / "user_hash_salt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    cfg.serving.user_hash_salt = SecretStr(path.read_text().strip())
+
+
+def _spawn_learner(cfg: DynalignConfig, config: Path | None, engine_args: list[str] | None):
     """The learner runs as its own process (own engine, own metrics port) beside the server."""
     import subprocess
     import sys
@@ -91,17 +149,26 @@ def _spawn_learner(cfg: DynalignConfig, config: Path | None):
         cmd += ["--model", cfg.model.path]
     if config:
         cmd += ["--config", str(config)]
+    for pair in engine_args or []:
+        cmd += ["--engine-arg", pair]
     return subprocess.Popen(cmd)
 
 
 @app.command()
 def up(config: ConfigOpt = None, model: ModelOpt = None, kafka: KafkaOpt = None,
-       host: HostOpt = None, port: PortOpt = None) -> None:
+       host: HostOpt = None, port: PortOpt = None, engine_arg: EngineArgOpt = None,
+       insecure_no_auth: InsecureOpt = False) -> None:
     """Everything on one machine: a Kafka-protocol broker (embedded Tansu unless --kafka),
     the chat server on the model (default SmolLM2-135M-Instruct), metrics."""
+    from serving.server import InsecureConfig, check_exposure
     from shared.kafka import EmbeddedBroker
 
-    cfg = _config(config, model, kafka, host, port)
+    cfg = _config(config, model, kafka, host, port, engine_arg, insecure_no_auth)
+    _demo_salt(cfg)
+    try:
+        check_exposure(cfg)  # before the broker and the learner start
+    except InsecureConfig as exc:
+        _refuse(exc)
     broker = None
     if not cfg.kafka.bootstrap:
         broker = EmbeddedBroker().start()
@@ -115,7 +182,7 @@ def up(config: ConfigOpt = None, model: ModelOpt = None, kafka: KafkaOpt = None,
         f"http://127.0.0.1:{cfg.learner.metrics_port}/metrics (learner)"
         f"\n  outbox     {cfg.serving.outbox_dir.resolve()}"
     )
-    learner = _spawn_learner(cfg, config)
+    learner = _spawn_learner(cfg, config, engine_arg)
     try:
         _run_server(cfg)
     finally:
@@ -161,6 +228,7 @@ def learn(
         "--max-steps", help="Stop after this many steps (total, across restarts).")] = None,
     workdir: Annotated[Path, typer.Option(help="Checkpoints and scratch.")] = Path("runs/learner"),
     reward_mode: Annotated[Optional[str], typer.Option(help="greedy | expected")] = None,
+    engine_arg: EngineArgOpt = None,
     single_user: Annotated[bool, typer.Option(hidden=True)] = False,
 ) -> None:
     """Consume interactions, self-score G rollouts per prompt, GRPO-update the LoRA adapter,
@@ -175,6 +243,7 @@ def learn(
 
     cfg = load_config(config, model={"path": model}, kafka={"bootstrap": kafka},
                       learner={"reward_mode": reward_mode})
+    cfg.model.engine_args = {**cfg.model.engine_args, **_engine_args(engine_arg)}
     cfg = learner_settings(cfg, single_user)
     if prompts is None and not cfg.kafka.bootstrap:
         raise typer.BadParameter("learn needs --kafka or --prompts", param_hint="--kafka")

@@ -41,13 +41,13 @@ class RolloutEngine:
     def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, workdir: Path) -> None:
         from vllm import LLM
 
-        from serving.engine import engine_kwargs
+        from serving.engine import learner_engine_kwargs
 
         self.cfg = learner_cfg
         # Slots for the policy, the version being swapped in, and the gate's live version.
         # Processed log-probs are taken after `allowed_token_ids` masks the vocabulary: over a
         # few allowed tokens they are exactly the model's distribution renormalised over them.
-        self.llm = LLM(**engine_kwargs(model_cfg, max_loras=3),
+        self.llm = LLM(**learner_engine_kwargs(model_cfg, max_loras=3),
                        logprobs_mode="processed_logprobs")
         self.tokenizer = self.llm.get_tokenizer()
         self.digit_ids = [self.single_token_id(d) for d in "012345"]

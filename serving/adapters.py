@@ -6,21 +6,31 @@ when the topic is gone (the embedded broker keeps nothing across a restart).
 
 A switch loads the new version under a new engine name first, then moves the alias in one
 assignment: requests already running finish on the version they started with. The last
-`keep_loaded` versions stay loaded for an instant rollback; older ones are evicted once no
-request uses them.
+`keep_loaded` versions stay loaded for an instant rollback (pinned loads count too); older ones
+are evicted once no request uses them.
+
+A version is read once: its bytes are checked (checksums, config, NaN/Inf, base model) and those
+same bytes are written to a private directory the engine loads from, so a file changed in the
+shared store after the check can never reach the engine. A version that cannot be loaded leaves
+the alias where it was and is retried with back-off (a shared volume may not show every file
+yet); the problem is logged once per version.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 import threading
+import time
 from collections import Counter
+from pathlib import Path
 
 from serving import metrics
 from serving.aliases import AliasTable
 from shared.config import DynalignConfig
-from shared.registry import Registry, RegistryState, adapter_problems
+from shared.registry import Registry, RegistryState, verify_adapter
 
 log = logging.getLogger(__name__)
 
@@ -38,43 +48,61 @@ class AdapterFollower:
         self.serving_models = serving_models  # vLLM's OpenAIServingModels
         self.fingerprint = fingerprint
         self.in_flight: Counter[int] = Counter()
+        self.registry_state = RegistryState()  # as of the last sync (request-time checks)
         self.applied_revision = -1
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # one sync at a time
+        self._load_lock = asyncio.Lock()  # one load at a time: two first requests, one load
         self._wake = asyncio.Event()
         self._stop = threading.Event()
         self._load_order: list[int] = []
+        self._loaded_dir = Path(tempfile.mkdtemp(prefix="dynalign-adapters-"))
+        # A refused target: (registry revision, when to retry it, back-off); a new revision
+        # is tried at once.
+        self._refused: tuple[int, float, float] | None = None
+        self._reported: set[str] = set()
 
     # -- loading ------------------------------------------------------------------------------
     async def ensure_loaded(self, version: int) -> None:
-        if version in self.aliases.loaded:
-            return
+        async with self._load_lock:
+            if version in self.aliases.loaded:
+                return
+            await self._load(version)
+        await self._evict()
+
+    async def _load(self, version: int) -> None:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
-        path = self.registry.path(version)
         if version not in self.registry.versions():
             raise AdapterRefused(f"v{version} does not exist in the registry")
-        problems = await asyncio.to_thread(
-            adapter_problems, path, self.fingerprint, self.cfg.model.max_lora_rank)
-        if problems:
-            for problem in problems:
+        verified = await asyncio.to_thread(verify_adapter, self.registry.path(version),
+                                           self.fingerprint, self.cfg.model.max_lora_rank)
+        if verified.problems:
+            for problem in verified.problems:
                 metrics.ADAPTER_SWAP_FAILURES.labels(_reason(problem)).inc()
-            raise AdapterRefused("; ".join(problems))
+            raise AdapterRefused("; ".join(verified.problems))
+        name = self.aliases.engine_name(version)
+        private = await asyncio.to_thread(verified.materialize, self._loaded_dir / name)
         result = await self.serving_models.load_lora_adapter(LoadLoRAAdapterRequest(
-            lora_name=self.aliases.engine_name(version), lora_path=str(path)))
+            lora_name=name, lora_path=str(private)))
         if isinstance(result, ErrorResponse):
             metrics.ADAPTER_SWAP_FAILURES.labels("engine").inc()
             raise AdapterRefused(f"v{version}: the engine refused it: {result.error.message}")
         self.aliases.loaded.add(version)
         self._load_order.append(version)
         metrics.ADAPTERS_LOADED.set(len(self.aliases.loaded))
-        log.info("loaded adapter v%d as %s", version, self.aliases.engine_name(version))
+        log.info("loaded adapter v%d as %s", version, name)
 
     async def _evict(self) -> None:
+        async with self._load_lock:
+            await self._evict_unused()
+
+    async def _evict_unused(self) -> None:
         from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
 
-        keep = self.cfg.registry.keep_loaded
-        for version in list(self._load_order[:-keep] if keep else self._load_order):
+        # The newest load always stays: it was loaded for a request about to use it.
+        keep = max(1, self.cfg.registry.keep_loaded)
+        for version in list(self._load_order[:-keep]):
             if version == self.aliases.live_version or self.in_flight[version]:
                 continue
             name = self.aliases.engine_name(version)
@@ -84,6 +112,7 @@ class AdapterFollower:
             await self.serving_models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
             await self.serving_models.engine_client.remove_lora(lora_id)
             self._load_order.remove(version)
+            shutil.rmtree(self._loaded_dir / name, ignore_errors=True)
             log.info("evicted adapter v%d", version)
         metrics.ADAPTERS_LOADED.set(len(self.aliases.loaded))
 
@@ -93,12 +122,21 @@ class AdapterFollower:
         A version that cannot be served leaves the alias where it was."""
         async with self._lock:
             state = await asyncio.to_thread(self.registry.read_state)
+            self.registry_state = state
             if state.revision == self.applied_revision:
+                return state
+            refused = self._refused
+            if refused and refused[0] == state.revision and time.monotonic() < refused[1]:
                 return state
             target = state.live
             if target != self.aliases.live_version:
                 if target is not None:
-                    await self.ensure_loaded(target)
+                    try:
+                        await self.ensure_loaded(target)
+                    except AdapterRefused:
+                        backoff = min(refused[2] * 2, 300.0) if refused else 1.0
+                        self._refused = (state.revision, time.monotonic() + backoff, backoff)
+                        raise
                 self.aliases.live_version = target  # the switch: one assignment
                 metrics.ADAPTER_SWAPS.inc()
                 metrics.LIVE_ADAPTER_VERSION.set(target or 0)
@@ -106,16 +144,19 @@ class AdapterFollower:
                          "base" if target is None else f"v{target}")
                 await self._evict()
             self.applied_revision = state.revision
+            self._refused = None
             return state
 
     async def run(self, poll_s: float = 1.0) -> None:
-        """Follow the registry: wake on a topic message, re-read the files every `poll_s`."""
+        """Follow the registry: wake on a topic message, re-read the files every `poll_s`.
+        A refused target is retried with back-off (1 s doubling to 5 min), logged once."""
         while True:
             try:
                 await self.sync()
             except AdapterRefused as exc:
-                log.error("not switching: %s", exc)
-                self.applied_revision = self.registry.read_state().revision  # don't retry-loop
+                if str(exc) not in self._reported:
+                    self._reported.add(str(exc))
+                    log.error("not switching: %s (retrying with back-off)", exc)
             except Exception:
                 log.exception("adapter sync failed; retrying")
             try:
@@ -147,6 +188,9 @@ class AdapterFollower:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def close(self) -> None:
+        shutil.rmtree(self._loaded_dir, ignore_errors=True)
 
 
 def _reason(problem: str) -> str:

@@ -1,20 +1,21 @@
 """Operator routes: the adapter lifecycle over HTTP, guarded by operator tokens (never chat keys).
 
-Each action changes the registry (the truth, audited), announces it on `dynalign.adapters` for
-the other replicas, and is applied to this server before the response returns.
+Each action changes the registry (the truth, audited under the operator's configured name),
+announces it on `dynalign.adapters` for the other replicas, and is applied to this server before
+the response returns.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from http import HTTPStatus
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel
 
 from serving.adapters import AdapterRefused
-from shared.registry import RegistryError, RegistryState, adapter_problems, announce
+from serving.deps import require_operator, server_state
+from shared.registry import RegistryError, RegistryState, announce, verify_adapter
 
 router = APIRouter(prefix="/admin")
 
@@ -25,20 +26,6 @@ class ActionBody(BaseModel):
 
 class RollbackBody(ActionBody):
     to: int | None = None
-
-
-async def require_operator(raw_request: Request) -> str:
-    """The actor name for the audit log. 401 without a valid token, 403 for a chat API key."""
-    from serving.server import _state, bearer_key
-
-    state = _state(raw_request)
-    token = bearer_key(raw_request)
-    if token and token in state.operator_tokens:
-        actor = raw_request.headers.get("x-dynalign-actor", "operator")
-        return f"{actor} (token {hashlib.sha256(token.encode()).hexdigest()[:8]})"
-    if token and token in state.api_keys:
-        raise HTTPException(HTTPStatus.FORBIDDEN, "A chat API key cannot use operator routes.")
-    raise HTTPException(HTTPStatus.UNAUTHORIZED, "Operator token required.")
 
 
 def describe(registry, state: RegistryState, loaded: set[int]) -> dict:
@@ -56,9 +43,7 @@ def describe(registry, state: RegistryState, loaded: set[int]) -> dict:
 
 
 async def _apply(raw_request: Request, actor: str, action: str, change) -> dict:
-    from serving.server import _state
-
-    state = _state(raw_request)
+    state = server_state(raw_request)
     try:
         new_state = await asyncio.to_thread(change, state.registry)
     except RegistryError as exc:
@@ -74,25 +59,21 @@ async def _apply(raw_request: Request, actor: str, action: str, change) -> dict:
 
 @router.get("/adapters")
 async def list_adapters(raw_request: Request, actor: str = Depends(require_operator)) -> dict:
-    from serving.server import _state
-
-    state = _state(raw_request)
+    state = server_state(raw_request)
     return describe(state.registry, state.registry.read_state(), state.aliases.loaded)
 
 
 @router.post("/adapters/{version}/promote")
 async def promote(version: int, body: ActionBody, raw_request: Request,
                   actor: str = Depends(require_operator)) -> dict:
-    from serving.server import _state
-
-    state = _state(raw_request)
+    state = server_state(raw_request)
     if version in state.registry.versions():
         # Refuse before the alias moves: the registry never points at unservable weights.
-        problems = await asyncio.to_thread(adapter_problems, state.registry.path(version),
+        verified = await asyncio.to_thread(verify_adapter, state.registry.path(version),
                                            state.follower.fingerprint,
                                            state.cfg.model.max_lora_rank)
-        if problems:
-            raise HTTPException(HTTPStatus.BAD_REQUEST, "; ".join(problems))
+        if verified.problems:
+            raise HTTPException(HTTPStatus.BAD_REQUEST, "; ".join(verified.problems))
     return await _apply(raw_request, actor, "promote",
                         lambda r: r.promote(version, actor, body.reason))
 

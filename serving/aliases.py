@@ -50,9 +50,18 @@ class AliasTable:
         if (match := self._pattern.match(model)) and int(match[1]) in self.loaded:
             version = int(match[1])
             return Route(model, self.engine_name(version), version)
+        shown = model if len(model) <= 100 else model[:100] + "..."
         raise UnknownModel(
-            f"The model '{model}' does not exist. Available: {', '.join(self.names())}."
+            f"The model '{shown}' does not exist. Available: {', '.join(self.names())}."
         )
+
+    def metric_label(self, model: str) -> str:
+        """What a client asked for, as a Prometheus label: a label lives as long as the process,
+        so only names that resolve count; anything else is "unknown"."""
+        try:
+            return self.resolve(model).alias
+        except UnknownModel:
+            return "unknown"
 
     def pinned_version(self, model: str) -> int | None:
         """N for "<served>@vN" / "<served>-vN", loaded or not."""

@@ -55,3 +55,8 @@ ADAPTER_SWAP_FAILURES = Counter(
     "Adapter versions this server refused or failed to load, by reason.", ["reason"],
 )
 ADAPTERS_LOADED = Gauge("dynalign_adapters_loaded", "Adapter versions loaded in the engine.")
+REQUESTS_LIMITED = Counter(
+    "dynalign_requests_limited_total",
+    "Requests refused with 429 by the per-client limits, by reason (capacity, concurrency, rate).",
+    ["reason"],
+)

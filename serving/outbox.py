@@ -89,6 +89,11 @@ class Outbox:
         self._incoming.put(record)
 
     @property
+    def problem(self) -> str | None:
+        """Why records cannot be persisted now (None: they can)."""
+        return None
+
+    @property
     def depth(self) -> int:
         return len(self._pending) + self._incoming.qsize()
 

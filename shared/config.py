@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -29,6 +29,9 @@ class ModelConfig(BaseModel):
     enforce_eager: bool = False
     gpu_memory_utilization: float = 0.45
     seed: int = 0
+    # Any other `vllm serve` engine flag, as {"max_num_seqs": 64} or `--engine-arg
+    # max_num_seqs=64`; validated by vLLM's own parser (see serving/engine.py).
+    engine_args: dict[str, Any] = Field(default_factory=dict)
 
 
 class KafkaConfig(BaseModel):
@@ -53,17 +56,41 @@ class KafkaConfig(BaseModel):
 class ServingConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
-    # Chat API keys; empty list = no auth. Sent as `Authorization: Bearer <key>`.
+    # Chat API keys, sent as `Authorization: Bearer <key>`. Empty list = no auth, which the
+    # server accepts only on a loopback address unless `insecure_no_auth` says otherwise.
     api_keys: list[SecretStr] = Field(default_factory=list)
-    # Operator tokens for the /admin routes (distinct from chat API keys).
-    operator_tokens: list[SecretStr] = Field(default_factory=list)
+    # Operators by name -> token, for the /admin routes and pinning unreleased versions; the
+    # audit log records the name bound to the token.
+    operator_tokens: dict[str, SecretStr] = Field(default_factory=dict)
+    insecure_no_auth: bool = False
     # Requests larger than this are refused with 400 before any parsing.
     max_request_bytes: int = 1 << 20
+    # Per-request caps (400 above them) and per-client limits (429 + Retry-After). A client is
+    # its API key (its address without keys).
+    max_n: int = Field(16, ge=1)
+    max_tokens: int = Field(4096, ge=1)
+    max_concurrent_per_client: int = Field(16, ge=1)
+    rate_limit_per_client: float = Field(20.0, gt=0)  # requests per second, sustained
+    rate_limit_burst: int = Field(40, ge=1)
+    max_in_flight: int = Field(256, ge=1)  # all clients; beyond it the server is saturated
     outbox_dir: Path = Path("runs/outbox")
     outbox_fsync_interval_ms: int = 50
     outbox_segment_bytes: int = 16 << 20
-    # Salt for hashing user identities (API key or `user` field) into InteractionRecord.user_hash.
-    user_hash_salt: SecretStr = SecretStr("dynalign")
+    # Secret salt for the HMAC pseudonyms in interaction records (principal_hash, user_hash).
+    # Required by `dynalign serve`; `dynalign up` generates one and keeps it in its data dir.
+    user_hash_salt: SecretStr | None = None
+
+    @field_validator("api_keys", "operator_tokens", "user_hash_salt")
+    @classmethod
+    def _no_empty_secrets(cls, value):
+        if value is None:
+            return value
+        secrets = value.values() if isinstance(value, dict) else \
+            value if isinstance(value, list) else [value]
+        if any(not s.get_secret_value().strip() for s in secrets):
+            raise ValueError("must not be empty (an empty key would let an empty bearer in, an "
+                             "empty salt makes pseudonyms guessable)")
+        return value
 
 
 class LearnerConfig(BaseModel):

@@ -6,8 +6,10 @@
 
 A version is written to a temporary directory and renamed into place, so readers never see half
 a version, and the rename is what allocates N (two writers cannot both create `v7`). The mutable
-state changes under an exclusive file lock and is replaced atomically. These files are the
-truth; the Kafka topic `dynalign.adapters` only announces changes (see serving/adapters.py).
+state changes under an exclusive file lock: the audit line is written (and fsynced) first, then
+the state file is replaced durably, so the audit log is a journal the state can be rebuilt from
+if registry.json is ever lost or garbled. These files are the truth; the Kafka topic
+`dynalign.adapters` only announces changes (see serving/adapters.py).
 States: candidate -> live | rejected; live -> retired when another version goes live.
 """
 
@@ -21,19 +23,21 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from shared.files import file_sha256, fsync_tree
+from shared.files import atomic_write, file_sha256, fsync_tree
 from shared.schemas import utc_now
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
 
 AdapterState = Literal["candidate", "live", "rejected", "retired"]
 
@@ -45,6 +49,9 @@ class Manifest(BaseModel):
     base_fingerprint: str  # shared.registry.base_fingerprint of the model it was trained on
     created_at: datetime = Field(default_factory=utc_now)
     weights_sha256: str
+    # sha256 of every file of the version but the manifest (adapter_config.json included: its
+    # lora_alpha scales the weights as much as the weights themselves).
+    files_sha256: dict[str, str] = Field(default_factory=dict)
     # Which learner checkpoint produced it: a restarted learner finds its version by this
     # instead of publishing the same checkpoint twice.
     source_checkpoint: str
@@ -69,36 +76,92 @@ def base_fingerprint(model_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def adapter_problems(path: Path, fingerprint: str, max_rank: int) -> list[str]:
-    """Why a version must not be served (empty list = fine): corrupt files, a checksum that does
-    not match its manifest, NaN/Inf weights, a rank above the engine's limit, another base."""
-    import torch
-    from safetensors.torch import load_file
+# Largest LoRA scaling (lora_alpha / r) a served adapter may ask for; PEFT's defaults give 1-2,
+# and 1e9 turns any weights into garbage.
+MAX_LORA_SCALING = 64.0
 
-    name = Path(path).name
+
+@dataclass
+class VerifiedAdapter:
+    """A version's files as read once: checked, and the bytes to load (never re-read from the
+    store, which could change between the check and the load)."""
+
+    version_dir: Path
+    files: dict[str, bytes] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def materialize(self, directory: Path) -> Path:
+        """Write the verified bytes to a private directory for the engine to load."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, data in self.files.items():
+            (directory / name).write_bytes(data)
+        return directory
+
+
+def verify_adapter(path: Path, fingerprint: str, max_rank: int) -> VerifiedAdapter:
+    """Read a version once and say why it must not be served (no problems = fine): unreadable or
+    corrupt files, checksums that do not match the manifest (the config included), an
+    adapter_config the engine should not trust (rank above its max_lora_rank, an extreme
+    scaling), NaN/Inf weights, or another base model."""
+    import torch
+    from safetensors.torch import load as load_safetensors
+
+    path = Path(path)
+    name = path.name
+    verified = VerifiedAdapter(path)
+    problems = verified.problems
     try:
-        manifest = Manifest.model_validate_json((Path(path) / MANIFEST).read_text())
-        config = json.loads((Path(path) / "adapter_config.json").read_text())
+        manifest = Manifest.model_validate_json((path / MANIFEST).read_bytes())
+        files = {p.name: p.read_bytes() for p in sorted(path.iterdir())
+                 if p.is_file() and p.name != MANIFEST}
     except (OSError, ValueError) as exc:
-        return [f"{name}: corrupt: cannot read manifest/adapter_config ({exc})"]
-    problems = []
+        problems.append(f"{name}: corrupt: cannot read the manifest or files ({exc})")
+        return verified
     if manifest.base_fingerprint != fingerprint:
         problems.append(f"{name}: trained on another base model ({manifest.base_model}, "
                         f"fingerprint {manifest.base_fingerprint[:12]} != served "
                         f"{fingerprint[:12]})")
-    rank = int(config.get("r", 0))
-    if rank > max_rank:
-        problems.append(f"{name}: LoRA rank {rank} exceeds the engine's max_lora_rank {max_rank}")
-    weights = Path(path) / WEIGHTS
+    for required in (CONFIG, WEIGHTS):
+        if required not in files:
+            problems.append(f"{name}: corrupt: {required} is missing")
+    if problems:
+        return verified
+    expected = {**manifest.files_sha256, WEIGHTS: manifest.weights_sha256}
+    if CONFIG not in expected:
+        problems.append(f"{name}: corrupt: the manifest has no checksum for {CONFIG}")
+    for file_name, sha in expected.items():
+        if file_name not in files or hashlib.sha256(files[file_name]).hexdigest() != sha:
+            problems.append(f"{name}: corrupt: {file_name} sha256 does not match the manifest")
+    if problems:
+        return verified
+    problems.extend(_config_problems(name, files[CONFIG], max_rank))
     try:
-        if file_sha256(weights) != manifest.weights_sha256:
-            return problems + [f"{name}: corrupt: weights sha256 does not match the manifest"]
-        tensors = load_file(str(weights))
+        tensors = load_safetensors(files[WEIGHTS])
     except Exception as exc:  # truncated or garbage safetensors
-        return problems + [f"{name}: corrupt: cannot read weights ({exc})"]
+        problems.append(f"{name}: corrupt: cannot read weights ({exc})")
+        return verified
     bad = [key for key, t in tensors.items() if not torch.isfinite(t).all()]
     if bad:
         problems.append(f"{name}: weights contain NaN/Inf ({len(bad)} tensors, e.g. {bad[0]})")
+    verified.files = {} if problems else {n: files[n] for n in expected}
+    return verified
+
+
+def _config_problems(name: str, raw: bytes, max_rank: int) -> list[str]:
+    try:
+        config = json.loads(raw)
+        rank = int(config.get("r", 0))
+        alpha = float(config.get("lora_alpha", rank))
+    except (ValueError, TypeError, AttributeError) as exc:
+        return [f"{name}: corrupt: {CONFIG} is not a LoRA config ({exc})"]
+    problems = []
+    if rank > max_rank:
+        problems.append(f"{name}: LoRA rank {rank} exceeds the engine's max_lora_rank {max_rank}")
+    if rank < 1:
+        problems.append(f"{name}: LoRA rank {rank} is not positive")
+    elif not (0 < alpha / rank <= MAX_LORA_SCALING):  # NaN fails this too
+        problems.append(f"{name}: LoRA scaling lora_alpha/r = {alpha:g}/{rank} is outside "
+                        f"(0, {MAX_LORA_SCALING:g}]")
     return problems
 
 
@@ -131,9 +194,11 @@ class AdapterStore:
                 if item.is_file():
                     shutil.copy2(item, staging / item.name)
             sha = file_sha256(staging / WEIGHTS)
+            files_sha = {p.name: file_sha256(p) for p in staging.iterdir() if p.is_file()}
             while True:
                 version = max(self.versions(), default=0) + 1
-                manifest = Manifest(version=version, weights_sha256=sha, **fields)
+                manifest = Manifest(version=version, weights_sha256=sha, files_sha256=files_sha,
+                                    **fields)
                 (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
                 fsync_tree(staging)
                 try:
@@ -154,7 +219,7 @@ class RegistryState(BaseModel):
     live: int | None = None
     pinned: bool = False  # pinned: nothing moves `live` automatically (the gate only proposes)
     learning_paused: bool = False
-    revision: int = 0  # bumps on every change; followers compare it
+    revision: int = 0  # the number of audit entries applied; followers compare it
 
 
 class AuditEntry(BaseModel):
@@ -164,10 +229,31 @@ class AuditEntry(BaseModel):
     from_version: int | None = None
     to_version: int | None = None
     reason: str = ""
+    gate: dict[str, Any] | None = None  # the gate's result, for gate verdicts
 
 
 class RegistryError(ValueError):
     """An operator action that cannot be done; the message says why."""
+
+
+def apply_entry(state: RegistryState, entry: AuditEntry) -> None:
+    """The one place the registry state changes: every transaction applies its audit entry
+    here, and a rebuild from the audit log replays them all, so the two cannot disagree."""
+    if entry.gate is not None and entry.to_version is not None:
+        state.gate_results[entry.to_version] = entry.gate
+    if entry.action in ("promote", "rollback"):
+        if state.live is not None:
+            state.states[state.live] = "retired"
+        if entry.to_version is not None:
+            state.states[entry.to_version] = "live"
+        state.live = entry.to_version
+    elif entry.action == "reject":
+        state.states[entry.to_version] = "rejected"
+    elif entry.action in ("pin", "unpin"):
+        state.pinned = entry.action == "pin"
+    elif entry.action in ("pause-learning", "resume-learning"):
+        state.learning_paused = entry.action == "pause-learning"
+    state.revision += 1
 
 
 class Registry(AdapterStore):
@@ -175,10 +261,17 @@ class Registry(AdapterStore):
     AUDIT_FILE = "audit.jsonl"
 
     def read_state(self) -> RegistryState:
+        """The current state; rebuilt from the audit log when registry.json is missing or
+        cannot be read (named in the log; `recover()` rewrites it)."""
+        path = self.root / self.STATE_FILE
         try:
-            return RegistryState.model_validate_json((self.root / self.STATE_FILE).read_text())
+            return RegistryState.model_validate_json(path.read_bytes())
         except FileNotFoundError:
-            return RegistryState()
+            return self._replay(self.audit_log())
+        except ValueError as exc:
+            log.error("%s cannot be read (%s); using the state rebuilt from %s", path,
+                      str(exc).splitlines()[0], self.AUDIT_FILE)
+            return self._replay(self.audit_log())
 
     def state_of(self, version: int) -> AdapterState:
         return self.read_state().states.get(version, "candidate")
@@ -187,27 +280,71 @@ class Registry(AdapterStore):
         path = self.root / self.AUDIT_FILE
         if not path.exists():
             return []
-        return [AuditEntry.model_validate_json(line) for line in path.read_text().splitlines()
-                if line.strip()]
+        entries = []
+        for number, line in enumerate(path.read_bytes().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(AuditEntry.model_validate_json(line))
+            except ValueError:  # a torn last line after a crash, or damage: skipped, named
+                log.error("%s line %d cannot be read; skipped", path, number)
+        return entries
+
+    @staticmethod
+    def _replay(entries: list[AuditEntry], state: RegistryState | None = None) -> RegistryState:
+        state = state or RegistryState()
+        for entry in entries:
+            apply_entry(state, entry)
+        return state
+
+    def _reconciled(self) -> RegistryState:
+        """Under the lock: the state with any audited change a crash kept out of registry.json
+        (the audit line is written first) applied."""
+        state = self.read_state()
+        entries = self.audit_log()
+        return self._replay(entries[state.revision:], state)
+
+    def recover(self) -> RegistryState:
+        """At start-up: rewrite registry.json from the audit log if it is behind it, missing or
+        garbled (the garbled file is kept beside it for inspection)."""
+        with self._lock():
+            path = self.root / self.STATE_FILE
+            state = self._reconciled()
+            try:
+                on_disk = RegistryState.model_validate_json(path.read_bytes())
+            except FileNotFoundError:
+                on_disk = None
+            except ValueError:
+                on_disk = None
+                kept = path.with_name(f"{self.STATE_FILE}.corrupt-{utc_now():%Y%m%dT%H%M%S}")
+                os.replace(path, kept)
+                log.error("%s was garbled: kept as %s, rebuilt from %s (revision %d)", path,
+                          kept.name, self.AUDIT_FILE, state.revision)
+            if on_disk != state and (on_disk is not None or state.revision):
+                atomic_write(path, state.model_dump_json(indent=2).encode())
+            return state
 
     @contextlib.contextmanager
-    def _transaction(self):
-        """Exclusive across processes sharing the store; the new state replaces the old
-        atomically, and the audit line is written before the lock is released."""
+    def _lock(self):
+        """Exclusive across processes sharing the store."""
         with (self.root / ".lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            state = self.read_state()
-            entries: list[AuditEntry] = []
-            yield state, entries
-            state.revision += 1
-            tmp = self.root / (self.STATE_FILE + ".tmp")
-            tmp.write_text(state.model_dump_json(indent=2))
-            os.replace(tmp, self.root / self.STATE_FILE)
+            yield
+
+    def _change(self, decide) -> tuple[RegistryState, AuditEntry]:
+        """One transaction: under the lock, `decide(state)` checks the current state and returns
+        the audit entry (or raises RegistryError); the entry is made durable first, then applied
+        and the state file replaced durably."""
+        with self._lock():
+            state = self._reconciled()
+            entry = decide(state)
             with (self.root / self.AUDIT_FILE).open("a") as audit:
-                for entry in entries:
-                    audit.write(entry.model_dump_json() + "\n")
+                audit.write(entry.model_dump_json() + "\n")
                 audit.flush()
                 os.fsync(audit.fileno())
+            apply_entry(state, entry)
+            atomic_write(self.root / self.STATE_FILE, state.model_dump_json(indent=2).encode())
+            return state, entry
 
     def _require(self, version: int) -> None:
         if version not in self.versions():
@@ -215,83 +352,81 @@ class Registry(AdapterStore):
 
     def promote(self, version: int, actor: str, reason: str = "") -> RegistryState:
         self._require(version)
-        if self.read_state().states.get(version) == "rejected":
-            raise RegistryError(f"v{version} was rejected by the gate; "
-                                "re-run the gate or publish a new version")
-        return self._move_live(version, actor, "promote", reason)
+
+        def decide(state: RegistryState) -> AuditEntry:
+            if state.states.get(version) == "rejected":
+                raise RegistryError(f"v{version} was rejected by the gate; "
+                                    "re-run the gate or publish a new version")
+            return self._move_live(state, version, actor, "promote", reason)
+
+        return self._change(decide)[0]
 
     def rollback(self, actor: str, to: int | None = None, reason: str = "") -> RegistryState:
         """Back to `to`, or to what was live when the current version was promoted (maybe the
         base model): repeated rollbacks walk back the chain of promotions."""
-        if to is None:
-            current = self.read_state().live
-            moves = [e for e in self.audit_log() if e.action == "promote"
-                     and e.to_version == current]
-            if current is None or not moves:
-                raise RegistryError("nothing to roll back to: no earlier live version")
-            to = moves[-1].from_version
-        else:
+        if to is not None:
             self._require(to)
-        return self._move_live(to, actor, "rollback", reason)
 
-    def _move_live(self, to: int | None, actor: str, action: str, reason: str) -> RegistryState:
-        with self._transaction() as (state, audit):
-            previous = state.live
-            if previous == to:
-                raise RegistryError(f"{'base' if to is None else f'v{to}'} is already live")
-            if previous is not None:
-                state.states[previous] = "retired"
-            if to is not None:
-                state.states[to] = "live"
-            state.live = to
-            audit.append(AuditEntry(actor=actor, action=action, from_version=previous,
-                                    to_version=to, reason=reason))
-        return self.read_state()
+        def decide(state: RegistryState) -> AuditEntry:
+            target = to
+            if target is None:
+                moves = [e for e in self.audit_log() if e.action == "promote"
+                         and e.to_version == state.live]
+                if state.live is None or not moves:
+                    raise RegistryError("nothing to roll back to: no earlier live version")
+                target = moves[-1].from_version
+            elif state.states.get(target) == "rejected":
+                raise RegistryError(f"v{target} was rejected by the gate; it cannot go live")
+            return self._move_live(state, target, actor, "rollback", reason)
+
+        return self._change(decide)[0]
+
+    @staticmethod
+    def _move_live(state: RegistryState, to: int | None, actor: str, action: str,
+                   reason: str) -> AuditEntry:
+        if state.live == to:
+            raise RegistryError(f"{'base' if to is None else f'v{to}'} is already live")
+        return AuditEntry(actor=actor, action=action, from_version=state.live, to_version=to,
+                          reason=reason)
 
     def reject(self, version: int, actor: str, reason: str) -> RegistryState:
         self._require(version)
-        with self._transaction() as (state, audit):
+
+        def decide(state: RegistryState) -> AuditEntry:
             if state.live == version:
                 raise RegistryError(f"v{version} is live; roll back first")
-            state.states[version] = "rejected"
-            audit.append(AuditEntry(actor=actor, action="reject", to_version=version,
-                                    reason=reason))
-        return self.read_state()
+            return AuditEntry(actor=actor, action="reject", to_version=version, reason=reason)
+
+        return self._change(decide)[0]
 
     def apply_gate(self, version: int, result: dict[str, Any], auto_promote: bool,
                    actor: str = "gate") -> tuple[RegistryState, str]:
         """Record the gate's result; reject a failing version, promote a passing one unless
         pinned or auto-promotion is off. Returns the new state and what was done."""
-        with self._transaction() as (state, audit):
-            state.gate_results[version] = result
-            previous = state.live
+
+        def decide(state: RegistryState) -> AuditEntry:
             if not result["passed"]:
-                state.states[version] = "rejected"
                 action, reason = "reject", "; ".join(result["reasons"])
-            elif auto_promote and not state.pinned and previous != version:
-                if previous is not None:
-                    state.states[previous] = "retired"
-                state.states[version] = "live"
-                state.live = version
+            elif auto_promote and not state.pinned and state.live != version:
                 action, reason = "promote", "gate passed"
             else:
                 action = "await-operator"
                 reason = "gate passed; " + ("live is pinned" if state.pinned else
                                             "auto_promote is off")
-            audit.append(AuditEntry(actor=actor, action=action, from_version=previous,
-                                    to_version=version, reason=reason))
-        return self.read_state(), action
+            return AuditEntry(actor=actor, action=action, from_version=state.live,
+                              to_version=version, reason=reason, gate=result)
+
+        state, entry = self._change(decide)
+        return state, entry.action
 
     def set_flag(self, flag: Literal["pinned", "learning_paused"], value: bool, actor: str,
                  reason: str = "") -> RegistryState:
         action = {("pinned", True): "pin", ("pinned", False): "unpin",
                   ("learning_paused", True): "pause-learning",
                   ("learning_paused", False): "resume-learning"}[(flag, value)]
-        with self._transaction() as (state, audit):
-            setattr(state, flag, value)
-            audit.append(AuditEntry(actor=actor, action=action, from_version=state.live,
-                                    to_version=state.live, reason=reason))
-        return self.read_state()
+        return self._change(lambda state: AuditEntry(
+            actor=actor, action=action, from_version=state.live, to_version=state.live,
+            reason=reason))[0]
 
 
 def announce(cfg, state: RegistryState, actor: str, action: str) -> None:

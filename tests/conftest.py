@@ -53,6 +53,12 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
 
+    def metric_sum(self, name: str) -> float:
+        """The sum of a metric over all its label sets (0 when it has none yet)."""
+        text = httpx.get(f"{self.base_url}/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + " ") or line.startswith(name + "{"))
+
     def metric(self, name: str) -> float:
         text = httpx.get(f"{self.base_url}/metrics").text
         for line in text.splitlines():
@@ -72,6 +78,7 @@ def start_server(workdir: Path, model: Path, bootstrap: str, *, verb: str = "ser
         "DYNALIGN_SERVING__OUTBOX_DIR": str(outbox),
         "DYNALIGN_SERVING__API_KEYS": json.dumps([API_KEY]),
         "DYNALIGN_SERVING__MAX_REQUEST_BYTES": str(256 * 1024),
+        "DYNALIGN_SERVING__USER_HASH_SALT": "test-salt",
         **(env or {}),
     }
     args = [sys.executable, "-m", "dynalign", verb, "--port", str(port)]

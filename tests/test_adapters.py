@@ -39,7 +39,7 @@ def fleet(tmp_path_factory, tiny_model):
     with EmbeddedBroker() as broker:
         ensure_topics(KafkaConfig(bootstrap=broker.bootstrap))
         env = {"DYNALIGN_REGISTRY__STORE": str(store),
-               "DYNALIGN_SERVING__OPERATOR_TOKENS": json.dumps([OPERATOR])}
+               "DYNALIGN_SERVING__OPERATOR_TOKENS": json.dumps({"ops": OPERATOR})}
         (work / "a").mkdir()
         server = start_server(work / "a", tiny_model, broker.bootstrap, env=env)
         try:
@@ -130,7 +130,7 @@ def test_swaps_under_load_fail_nothing_and_every_answer_names_its_version(fleet)
     audit = registry.audit_log()
     assert [(e.action, e.from_version, e.to_version) for e in audit[-3:]] == [
         ("promote", None, 1), ("promote", 1, 2), ("rollback", 2, 1)]
-    assert audit[-1].reason == "v2 misbehaves" and audit[-1].actor.startswith("operator")
+    assert audit[-1].reason == "v2 misbehaves" and audit[-1].actor == "ops"  # the name bound to the token
 
 
 def _copy_version(registry: Registry, source: int, mutate) -> int:
