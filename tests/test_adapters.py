@@ -53,9 +53,9 @@ def admin(server, path: str, token: str | None = OPERATOR, **body) -> httpx.Resp
     return httpx.post(f"{server.base_url}/admin{path}", json=body, headers=headers, timeout=60)
 
 
-def ask(server, model: str = "dynalign") -> httpx.Response:
+def ask(server, model: str = "dynalign", key: str = API_KEY) -> httpx.Response:
     return httpx.post(f"{server.base_url}/v1/chat/completions", timeout=60,
-                      headers={"Authorization": f"Bearer {API_KEY}"},
+                      headers={"Authorization": f"Bearer {key}"},
                       json={"model": model, "max_tokens": 4, "temperature": 0,
                             "messages": [{"role": "user", "content": "Plan my week"}]})
 
@@ -186,8 +186,10 @@ def test_bad_versions_are_refused_with_the_problem_named(fleet, tiny_model):
     over_rank = publish_random(registry, tiny_model, rank=32, seed=3).version  # engine max 16
     r = admin(server, f"/adapters/{over_rank}/promote")
     assert r.status_code == 400 and "rank 32 exceeds" in r.json()["error"]["message"]
-    # A client pinning a refused version gets the reason too, not a 500.
-    pinned = ask(server, f"dynalign@v{over_rank}")
+    # An operator pinning a refused version gets the reason too, not a 500 (a chat key may
+    # not pin a candidate at all).
+    assert ask(server, f"dynalign@v{over_rank}").status_code == 403
+    pinned = ask(server, f"dynalign@v{over_rank}", key=OPERATOR)
     assert pinned.status_code == 400 and "rank 32" in pinned.json()["error"]["message"]
 
     assert registry.read_state().live == live_before

@@ -118,7 +118,7 @@ def test_every_served_completion_is_logged_once_and_opt_outs_never(client, serve
     assert streamed.usage.completion_tokens == 16
     assert first.user_hash != streamed.user_hash  # "alice" vs the API key's identity
     headers = dict(found[0][1])
-    assert headers["schema-version"] == "1" and headers["record-id"] == records[0].id
+    assert headers["schema-version"] == "2" and headers["record-id"] == records[0].id
 
 
 def test_bad_requests_get_openai_style_errors(client, server):
