@@ -104,8 +104,12 @@ def _run_server(cfg: DynalignConfig) -> None:
         fsync_interval_ms=cfg.serving.outbox_fsync_interval_ms,
         segment_bytes=cfg.serving.outbox_segment_bytes,
     )
-    uvicorn.run(create_app(cfg, outbox), host=cfg.serving.host, port=cfg.serving.port,
-                log_level="info", timeout_graceful_shutdown=10)
+    server_app = create_app(cfg, outbox)
+    server = uvicorn.Server(uvicorn.Config(server_app, host=cfg.serving.host,
+                                           port=cfg.serving.port, log_level="info",
+                                           timeout_graceful_shutdown=10))
+    server_app.state.server = server  # vLLM's engine-error handler stops it if the engine died
+    server.run()
 
 
 @app.command()

@@ -99,6 +99,17 @@ def wants_training(request: ChatCompletionRequest, raw_request: Request) -> bool
     return train and not no_train
 
 
+def check_unicode(body: Any) -> None:
+    """JSON may escape a lone surrogate ("\\ud800"); Python keeps it, but it is no text: the
+    engine's message encoder fails on it (a 500 from vLLM itself). Refuse it as the client's
+    error instead, naming where it is."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError as exc:
+        raise BadRequest(f"The request is not valid Unicode text: {exc.reason} "
+                         f"({exc.object[exc.start:exc.end]!r})", "messages") from None
+
+
 def check_caps(state: ServerState, n: int | None, max_tokens: int | None) -> None:
     caps = state.cfg.serving
     if (n or 1) > caps.max_n:
@@ -211,8 +222,9 @@ async def start_interaction(state: ServerState, caller: Caller, request: ChatCom
     UnknownModel, AdapterRefused or LimitExceeded; holds nothing when it raises."""
     check_caps(state, request.n, request.max_completion_tokens or request.max_tokens)
     train = wants_training(request, raw_request)
-    # The body is already parsed and cached by FastAPI; the raw messages serialise cleanly.
-    messages = (await raw_request.json())["messages"]
+    body = await raw_request.json()  # already parsed and cached by FastAPI
+    check_unicode(body)
+    messages = body["messages"]
     principal, user = identities(state, caller, request)
     conversation, derived = conversation_ids(messages, user, raw_request, request)
     if not train:
@@ -275,6 +287,7 @@ async def serve_completion(state: ServerState, caller: Caller, request, raw_requ
     completion layer. Never logged: the loop replays chat turns under the CA system prompt, and a
     raw completion prompt has no user turn to replay (it is text to continue, not a request)."""
     check_caps(state, request.n, request.max_tokens)
+    check_unicode(await raw_request.json())
     permit, route = await admit(state, caller, request.model)
     interaction = Interaction(state=state, route=route, permit=permit, request=request,
                               messages=[], principal="", user="", conversation="",
