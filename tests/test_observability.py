@@ -1,7 +1,7 @@
 """Observability as deployed: the Grafana dashboards and Prometheus alert rules in deploy/,
 checked for structure, then evaluated by a real Prometheus scraping a real server and learner;
-the drift alerts fired by a real Prometheus; the compose and Kubernetes manifests checked
-against the config defaults."""
+the drift alerts fired by a real Prometheus. The compose and Kubernetes manifests are checked in
+tests/test_deploy.py."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from shared.config import DynalignConfig, LearnerConfig, RegistryConfig, ServingConfig
+from shared.config import LearnerConfig, RegistryConfig, ServingConfig
 from shared.kafka import free_port
 from tests.conftest import API_KEY, REPO
 
@@ -192,123 +192,12 @@ def scrape_targets() -> dict[str, list[str]]:
             for job in config["scrape_configs"]}
 
 
-def config_from(text: str, tmp_path: Path, monkeypatch) -> DynalignConfig:
-    path = tmp_path / f"{uuid.uuid4().hex}.toml"
-    path.write_text(text)
-    for key in [k for k in os.environ if k.startswith("DYNALIGN_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("DYNALIGN_CONFIG", str(path))
-    return DynalignConfig()
-
-
 def test_scrape_targets_are_the_default_ports():
     targets = scrape_targets()
     assert targets[SERVER_JOB] == [f"server:{ServingConfig().port}"] == ["server:8000"]
     assert targets[LEARNER_JOB] == [f"learner:{LearnerConfig().metrics_port}"] == ["learner:9401"]
     config = yaml.safe_load(SCRAPE_CONFIG.read_text())
     assert all(job["metrics_path"] == "/metrics" for job in config["scrape_configs"])
-
-
-def test_compose_file_references_what_exists_and_agrees_with_the_config(tmp_path, monkeypatch):
-    compose_dir = DEPLOY / "compose"
-    compose = yaml.safe_load((compose_dir / "docker-compose.yml").read_text())
-    services = compose["services"]
-    assert set(services) == {"kafka", "server", "learner", "prometheus", "grafana"}
-    assert "controller" in services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"]  # KRaft
-
-    # service -> container path -> host path (bind mounts) or volume name
-    mounts: dict[str, dict[str, Path | str]] = {}
-    for name, service in services.items():
-        for volume in service.get("volumes", []):
-            source, target = volume.split(":")[:2]
-            if source.startswith((".", "/")):
-                source = (compose_dir / source).resolve()
-                assert source.exists(), f"{name} mounts {volume}: no such file"
-            mounts.setdefault(name, {})[target] = source
-        if "build" in service:
-            context = (compose_dir / service["build"]["context"]).resolve()
-            assert (context / service["build"]["dockerfile"]).is_file()
-    # Server and learner run `dynalign serve|learn` on the mounted config file.
-    assert services["server"]["command"][0] == "serve"
-    assert services["learner"]["command"][0] == "learn"
-    for name in ("server", "learner"):
-        config_path = services[name]["environment"]["DYNALIGN_CONFIG"]
-        config = config_from(mounts[name][config_path].read_text(), tmp_path, monkeypatch)
-        assert config.serving.port == ServingConfig().port
-        assert config.learner.metrics_port == LearnerConfig().metrics_port
-        host, port = config.kafka.bootstrap.split(":")
-        assert host in services and f"//{host}:{port}" in \
-            services[host]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
-        # The learner publishes versions where the server follows them: one shared volume.
-        store = str(config.registry.store)
-        assert mounts["server"][store] == mounts["learner"][store] in compose["volumes"]
-    assert services["server"]["ports"] == [f"{ServingConfig().port}:{ServingConfig().port}"]
-    assert str(LearnerConfig().metrics_port) in services["learner"]["expose"]
-    # Prometheus scrapes the compose services by name and loads the rules beside its config.
-    for job, targets in scrape_targets().items():
-        for target in targets:
-            assert target.split(":")[0] in services, f"{job} scrapes unknown {target}"
-    prometheus_dir = mounts["prometheus"]["/etc/prometheus"]
-    assert prometheus_dir == SCRAPE_CONFIG.parent
-    for rule_file in yaml.safe_load(SCRAPE_CONFIG.read_text())["rule_files"]:
-        assert (prometheus_dir / rule_file).is_file()
-    # Grafana gets the provisioning, and the dashboards where the provider looks for them.
-    grafana = mounts["grafana"]
-    assert grafana["/etc/grafana/provisioning"] == DEPLOY / "grafana" / "provisioning"
-    provider = yaml.safe_load(
-        (DEPLOY / "grafana" / "provisioning" / "dashboards" / "dynalign.yml").read_text())
-    dashboards_path = provider["providers"][0]["options"]["path"]
-    assert grafana[dashboards_path] == DEPLOY / "grafana" / "dashboards"
-    datasource_url = next(iter(yaml.safe_load(next(
-        (DEPLOY / "grafana" / "provisioning" / "datasources").glob("*.yml")).read_text())
-        ["datasources"]))["url"]
-    assert datasource_url == "http://prometheus:9090"
-
-
-def test_kubernetes_manifests_agree_with_the_config(tmp_path, monkeypatch):
-    k8s = DEPLOY / "k8s"
-    resources = yaml.safe_load((k8s / "kustomization.yaml").read_text())["resources"]
-    documents = [doc for name in resources for doc in yaml.safe_load_all((k8s / name).read_text())]
-    by_kind: dict[str, dict[str, dict]] = {}
-    for doc in documents:
-        by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
-    assert set(by_kind["Deployment"]) == {"dynalign-server", "dynalign-learner"}
-    assert set(by_kind["Service"]) == {"dynalign-server"}
-
-    config_map = by_kind["ConfigMap"]["dynalign-config"]
-    config = config_from(config_map["data"]["dynalign.toml"], tmp_path, monkeypatch)
-    expected_port = {"dynalign-server": config.serving.port,
-                     "dynalign-learner": config.learner.metrics_port}
-    assert expected_port == {"dynalign-server": ServingConfig().port,
-                             "dynalign-learner": LearnerConfig().metrics_port}
-    for name, deployment in by_kind["Deployment"].items():
-        pod = deployment["spec"]["template"]
-        assert deployment["spec"]["selector"]["matchLabels"].items() <= \
-            pod["metadata"]["labels"].items()
-        container = pod["spec"]["containers"][0]
-        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert list(ports.values()) == [expected_port[name]]
-        annotations = pod["metadata"]["annotations"]
-        assert annotations["prometheus.io/port"] == str(expected_port[name])
-        assert annotations["prometheus.io/path"] == "/metrics"
-        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
-        for mount in container["volumeMounts"]:
-            volume = volumes[mount["name"]]
-            if "configMap" in volume:
-                assert volume["configMap"]["name"] in by_kind["ConfigMap"]
-                config_file = Path(mount["mountPath"]) / "dynalign.toml"
-                assert {"name": "DYNALIGN_CONFIG", "value": str(config_file)} in container["env"]
-            if "persistentVolumeClaim" in volume:
-                assert volume["persistentVolumeClaim"]["claimName"] in \
-                    by_kind["PersistentVolumeClaim"]
-        assert container["args"][0] == {"dynalign-server": "serve",
-                                         "dynalign-learner": "learn"}[name]
-    service = by_kind["Service"]["dynalign-server"]
-    server_pod = by_kind["Deployment"]["dynalign-server"]["spec"]["template"]
-    assert service["spec"]["selector"].items() <= server_pod["metadata"]["labels"].items()
-    assert service["spec"]["ports"][0]["port"] == ServingConfig().port
-    assert service["spec"]["ports"][0]["targetPort"] in \
-        {p["name"] for p in server_pod["spec"]["containers"][0]["ports"]}
 
 
 # -- a real Prometheus ----------------------------------------------------------------------------
