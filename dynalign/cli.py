@@ -20,8 +20,8 @@ import typer
 from rich.console import Console
 
 from dynalign.adapters_cli import adapters_app
-from learner.datagen import datagen_command
-from learner.evaluate import eval_app
+from offline.datagen import datagen_command
+from offline.evaluate import eval_app
 from shared.config import DynalignConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from scripted_openai import ScriptedOpenAI, last_user_message
 
-from learner.datagen import (
+from offline.datagen import (
     DatagenSettings,
     GoalRecord,
     PromptRecord,

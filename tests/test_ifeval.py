@@ -10,7 +10,7 @@ import pytest
 from scripted_openai import ScriptedOpenAI
 from typer.testing import CliRunner
 
-from learner.evaluate import eval_app
+from offline.evaluate import eval_app
 from shared.ifeval import IFEvalExample, evaluate_responses, load_examples, prepare_offline_nltk
 
 TITLE_BODY = "<<A Plan For The Week>>\nWe cook on Monday and walk on Tuesday."

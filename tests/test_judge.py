@@ -12,7 +12,7 @@ import pytest
 from openai.types.chat.chat_completion_token_logprob import TopLogprob
 from scripted_openai import ScriptedOpenAI, ScriptedReply, last_user_message
 
-from learner.evaluate import PairwiseSettings, read_prompts, run_pairwise
+from offline.evaluate import PairwiseSettings, read_prompts, run_pairwise
 from shared.judge import (
     Endpoint,
     JudgeSettings,
