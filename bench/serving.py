@@ -31,7 +31,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from serving.engine import vllm_cli_args  # noqa: E402
+from shared.engine import vllm_cli_args  # noqa: E402
 from shared.config import KafkaConfig, ModelConfig  # noqa: E402
 from shared.kafka import EmbeddedBroker, ensure_topics, free_port  # noqa: E402
 

@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.config import DynalignConfig, load_config
-from shared.registry import Registry, RegistryError, RegistryState, announce, verify_adapter
+from shared.lifecycle import Lifecycle
+from shared.registry import Registry, RegistryError, RegistryState
 
 adapters_app = typer.Typer(no_args_is_help=True, help=__doc__)
 console = Console()
@@ -29,9 +30,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 ReasonOpt = Annotated[str, typer.Option("--reason", help="Recorded in the audit log.")]
 
 
-def _setup(config: Path | None, store: Path | None, kafka: str | None) -> tuple:
+def _setup(config: Path | None, store: Path | None, kafka: str | None
+           ) -> tuple[DynalignConfig, Lifecycle]:
     cfg = load_config(config, registry={"store": store}, kafka={"bootstrap": kafka})
-    return cfg, Registry(cfg.registry.store)
+    return cfg, Lifecycle.from_config(cfg)
 
 
 def _actor() -> str:
@@ -44,10 +46,7 @@ def _versions(registry: Registry, state: RegistryState) -> list[dict]:
             for v in registry.versions()]
 
 
-def _finish(cfg: DynalignConfig, registry: Registry, state: RegistryState, action: str,
-            as_json: bool) -> None:
-    if cfg.kafka.bootstrap:
-        announce(cfg, state, _actor(), action)
+def _finish(state: RegistryState, action: str, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps({"live": state.live, "pinned": state.pinned,
                                "learning_paused": state.learning_paused,
@@ -67,7 +66,7 @@ def _fail(exc: Exception) -> None:
 @adapters_app.command("list")
 def list_versions(config: ConfigOpt = None, store: StoreOpt = None, as_json: JsonOpt = False):
     """Every version with its state; the live one marked."""
-    _, registry = _setup(config, store, None)
+    registry = _setup(config, store, None)[1].registry
     state = registry.read_state()
     rows = _versions(registry, state)
     if as_json:
@@ -90,7 +89,7 @@ def list_versions(config: ConfigOpt = None, store: StoreOpt = None, as_json: Jso
 def show(version: int, config: ConfigOpt = None, store: StoreOpt = None,
          as_json: JsonOpt = False):
     """One version's manifest and state."""
-    _, registry = _setup(config, store, None)
+    registry = _setup(config, store, None)[1].registry
     try:
         manifest = registry.manifest(version)
     except FileNotFoundError:
@@ -105,7 +104,7 @@ def diff(a: int, b: int, config: ConfigOpt = None, store: StoreOpt = None,
     """How two versions differ: manifest fields and the weight change per tensor (L2 norm)."""
     from safetensors.torch import load_file
 
-    _, registry = _setup(config, store, None)
+    registry = _setup(config, store, None)[1].registry
     ma, mb = registry.manifest(a), registry.manifest(b)
     fields = {k: [getattr(ma, k), getattr(mb, k)]
               for k in ("parent_version", "steps", "metrics", "trained_offsets", "base_model")
@@ -127,50 +126,49 @@ def diff(a: int, b: int, config: ConfigOpt = None, store: StoreOpt = None,
 
 @adapters_app.command()
 def promote(version: int, config: ConfigOpt = None, store: StoreOpt = None,
-            kafka: KafkaOpt = None, reason: ReasonOpt = "", as_json: JsonOpt = False):
+            kafka: KafkaOpt = None, reason: ReasonOpt = "", as_json: JsonOpt = False,
+            override: Annotated[bool, typer.Option(
+                "--override", help="Promote a rejected version (audited as such).")] = False):
     """Make VERSION live (after checking it can be served)."""
-    from serving.engine import resolve_model_path
+    from shared.engine import resolve_model_path
     from shared.registry import base_fingerprint
 
-    cfg, registry = _setup(config, store, kafka)
+    cfg, lifecycle = _setup(config, store, kafka)
     try:
-        if version not in registry.versions():
-            raise RegistryError(f"v{version} does not exist (versions: {registry.versions()})")
-        verified = verify_adapter(registry.path(version),
-                                  base_fingerprint(resolve_model_path(cfg.model)),
-                                  cfg.model.max_lora_rank)
-        if verified.problems:
-            raise RegistryError("; ".join(verified.problems))
-        state = registry.promote(version, _actor(), reason)
+        problems = lifecycle.servable_problems(
+            version, base_fingerprint(resolve_model_path(cfg.model)), cfg.model.max_lora_rank)
+        if problems:
+            raise RegistryError("; ".join(problems))
+        state = lifecycle.promote(version, _actor(), reason, override=override)
     except RegistryError as exc:
         _fail(exc)
-    _finish(cfg, registry, state, "promote", as_json)
+    _finish(state, "promote", as_json)
 
 
 @adapters_app.command()
 def rollback(to: Annotated[Optional[int], typer.Option("--to", help="Default: the previous live.")]
              = None, config: ConfigOpt = None, store: StoreOpt = None, kafka: KafkaOpt = None,
              reason: ReasonOpt = "", as_json: JsonOpt = False):
-    """Move live back to the previous version (or --to vN)."""
-    cfg, registry = _setup(config, store, kafka)
+    """Move live back to the previous version (or --to vN, a version that was live)."""
+    _, lifecycle = _setup(config, store, kafka)
     try:
-        state = registry.rollback(_actor(), to=to, reason=reason)
+        state = lifecycle.rollback(_actor(), to=to, reason=reason)
     except RegistryError as exc:
         _fail(exc)
-    _finish(cfg, registry, state, "rollback", as_json)
+    _finish(state, "rollback", as_json)
 
 
-def _flag_command(name: str, flag: str, value: bool, doc: str) -> None:
+def _flag_command(action: str, doc: str) -> None:
     def command(config: ConfigOpt = None, store: StoreOpt = None, kafka: KafkaOpt = None,
                 reason: ReasonOpt = "", as_json: JsonOpt = False):
-        cfg, registry = _setup(config, store, kafka)
-        _finish(cfg, registry, registry.set_flag(flag, value, _actor(), reason), name, as_json)
+        _, lifecycle = _setup(config, store, kafka)
+        _finish(lifecycle.set_flag(action, _actor(), reason), action, as_json)
 
     command.__doc__ = doc
-    adapters_app.command(name)(command)
+    adapters_app.command(action)(command)
 
 
-_flag_command("pin", "pinned", True, "Keep live where it is: the gate may not promote.")
-_flag_command("unpin", "pinned", False, "Let the gate promote again.")
-_flag_command("pause-learning", "learning_paused", True, "Stop the learner taking steps.")
-_flag_command("resume-learning", "learning_paused", False, "Let the learner step again.")
+_flag_command("pin", "Keep live where it is: the gate may not promote.")
+_flag_command("unpin", "Let the gate promote again.")
+_flag_command("pause-learning", "Stop the learner taking steps.")
+_flag_command("resume-learning", "Let the learner step again.")

@@ -78,7 +78,7 @@ def _refuse(exc: Exception) -> None:
 def _run_server(cfg: DynalignConfig) -> None:
     import uvicorn
 
-    from serving.engine import EngineArgsError, parse_vllm_args, vllm_cli_args
+    from shared.engine import EngineArgsError, parse_vllm_args, vllm_cli_args
     from serving.outbox import Outbox
     from serving.server import InsecureConfig, check_exposure, create_app
     from shared.kafka import ensure_topics, producer
@@ -201,7 +201,7 @@ def learner_settings(cfg: DynalignConfig, single_user: bool = False) -> Dynalign
     Prints both sets so nobody mistakes a CPU demo for the paper's configuration."""
     from rich.table import Table
 
-    from serving.engine import has_gpu
+    from shared.engine import has_gpu
     from shared.config import LearnerConfig
 
     paper = LearnerConfig()
@@ -243,7 +243,7 @@ def learn(
     from learner.consumer import FilePromptSource, KafkaPromptSource, PromptFilter
     from learner.grpo import prompt_ids
     from learner.loop import Learner
-    from serving.engine import resolve_model_path
+    from shared.engine import resolve_model_path
 
     cfg = load_config(config, model={"path": model}, kafka={"bootstrap": kafka},
                       learner={"reward_mode": reward_mode})

@@ -69,7 +69,7 @@ class Learner:
                  reward_fn: RewardFn | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from serving.engine import resolve_model_path
+        from shared.engine import resolve_model_path
 
         self.cfg = cfg
         lc = cfg.learner

@@ -41,7 +41,7 @@ class RolloutEngine:
     def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, workdir: Path) -> None:
         from vllm import LLM
 
-        from serving.engine import learner_engine_kwargs
+        from shared.engine import learner_engine_kwargs
 
         self.cfg = learner_cfg
         # Slots for the policy, the version being swapped in, and the gate's live version.

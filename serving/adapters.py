@@ -70,8 +70,7 @@ class AdapterFollower:
         await self._evict()
 
     async def _load(self, version: int) -> None:
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+        from shared.vllm_compat import ErrorResponse, LoadLoRAAdapterRequest
 
         if version not in self.registry.versions():
             raise AdapterRefused(f"v{version} does not exist in the registry")
@@ -98,7 +97,7 @@ class AdapterFollower:
             await self._evict_unused()
 
     async def _evict_unused(self) -> None:
-        from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+        from shared.vllm_compat import UnloadLoRAAdapterRequest
 
         # The newest load always stays: it was loaded for a request about to use it.
         keep = max(1, self.cfg.registry.keep_loaded)

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from serving.adapters import AdapterRefused
 from serving.deps import require_operator, server_state
-from shared.registry import RegistryError, RegistryState, announce, verify_adapter
+from shared.registry import RegistryError, RegistryState
 
 router = APIRouter(prefix="/admin")
 
@@ -26,6 +26,10 @@ class ActionBody(BaseModel):
 
 class RollbackBody(ActionBody):
     to: int | None = None
+
+
+class PromoteBody(ActionBody):
+    override: bool = False  # a rejected version; audited as "promote-override"
 
 
 def describe(registry, state: RegistryState, loaded: set[int]) -> dict:
@@ -42,14 +46,14 @@ def describe(registry, state: RegistryState, loaded: set[int]) -> dict:
             "revision": state.revision, "versions": versions}
 
 
-async def _apply(raw_request: Request, actor: str, action: str, change) -> dict:
+async def _apply(raw_request: Request, change) -> dict:
+    """Run a lifecycle change (checked, audited, announced by shared/lifecycle.py) and apply it
+    to this server before answering."""
     state = server_state(raw_request)
     try:
-        new_state = await asyncio.to_thread(change, state.registry)
+        new_state = await asyncio.to_thread(change, state.lifecycle)
     except RegistryError as exc:
         raise HTTPException(HTTPStatus.CONFLICT, str(exc)) from exc
-    if state.cfg.kafka.bootstrap:
-        await asyncio.to_thread(announce, state.cfg, new_state, actor, action)
     try:
         await state.follower.sync()
     except AdapterRefused as exc:
@@ -64,37 +68,34 @@ async def list_adapters(raw_request: Request, actor: str = Depends(require_opera
 
 
 @router.post("/adapters/{version}/promote")
-async def promote(version: int, body: ActionBody, raw_request: Request,
+async def promote(version: int, body: PromoteBody, raw_request: Request,
                   actor: str = Depends(require_operator)) -> dict:
     state = server_state(raw_request)
-    if version in state.registry.versions():
-        # Refuse before the alias moves: the registry never points at unservable weights.
-        verified = await asyncio.to_thread(verify_adapter, state.registry.path(version),
-                                           state.follower.fingerprint,
-                                           state.cfg.model.max_lora_rank)
-        if verified.problems:
-            raise HTTPException(HTTPStatus.BAD_REQUEST, "; ".join(verified.problems))
-    return await _apply(raw_request, actor, "promote",
-                        lambda r: r.promote(version, actor, body.reason))
+    # Refuse before the alias moves: the registry never points at unservable weights.
+    problems = await asyncio.to_thread(state.lifecycle.servable_problems, version,
+                                       state.follower.fingerprint, state.cfg.model.max_lora_rank)
+    if problems:
+        status = HTTPStatus.CONFLICT if "does not exist" in problems[0] else HTTPStatus.BAD_REQUEST
+        raise HTTPException(status, "; ".join(problems))
+    return await _apply(raw_request, lambda lc: lc.promote(version, actor, body.reason,
+                                                           override=body.override))
 
 
 @router.post("/adapters/rollback")
 async def rollback(body: RollbackBody, raw_request: Request,
                    actor: str = Depends(require_operator)) -> dict:
-    return await _apply(raw_request, actor, "rollback",
-                        lambda r: r.rollback(actor, to=body.to, reason=body.reason))
+    return await _apply(raw_request, lambda lc: lc.rollback(actor, to=body.to, reason=body.reason))
 
 
-def _flag_route(path: str, flag: str, value: bool) -> None:
+def _flag_route(path: str, action: str) -> None:
     async def handler(body: ActionBody, raw_request: Request,
                       actor: str = Depends(require_operator)) -> dict:
-        return await _apply(raw_request, actor, path.strip("/"),
-                            lambda r: r.set_flag(flag, value, actor, body.reason))
+        return await _apply(raw_request, lambda lc: lc.set_flag(action, actor, body.reason))
 
-    router.post(path, name=path.strip("/").replace("/", "_"))(handler)
+    router.post(path, name=action.replace("-", "_"))(handler)
 
 
-_flag_route("/pin", "pinned", True)
-_flag_route("/unpin", "pinned", False)
-_flag_route("/learning/pause", "learning_paused", True)
-_flag_route("/learning/resume", "learning_paused", False)
+_flag_route("/pin", "pin")
+_flag_route("/unpin", "unpin")
+_flag_route("/learning/pause", "pause-learning")
+_flag_route("/learning/resume", "resume-learning")

@@ -20,17 +20,13 @@ from http import HTTPStatus
 from typing import Any, AsyncIterator
 
 from fastapi import Request
-from vllm.entrypoints.generate.base.protocol import StreamOptions
-from vllm.entrypoints.openai.chat_completion.protocol import (
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-)
 
 from serving import metrics
 from serving.aliases import Route, UnknownModel
 from serving.deps import Caller, ServerState
 from serving.limits import Permit
 from serving.optout import parse_flag
+from shared.vllm_compat import ChatCompletionRequest, ChatCompletionResponse, StreamOptions
 from shared.schemas import Choice, InteractionRecord, SamplingParams, Usage, utc_now
 
 log = logging.getLogger(__name__)

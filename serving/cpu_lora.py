@@ -67,13 +67,12 @@ def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor
 
 
 def register() -> None:
-    from vllm.platforms import current_platform
+    from shared.vllm_compat import cpu_lora_modules
 
-    if not current_platform.is_cpu():
+    modules = cpu_lora_modules()
+    if modules is None:
         return
-    from vllm.lora.ops.torch_ops import lora_ops
-    from vllm.lora.punica_wrapper import punica_cpu
-
+    lora_ops, punica_cpu = modules
     # punica_cpu imported the names; lora_ops' sgmv_* look them up in their own module.
     for module in (lora_ops, punica_cpu):
         module.bgmv_shrink = bgmv_shrink

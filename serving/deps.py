@@ -19,6 +19,7 @@ from serving.limits import ClientLimits
 from serving.optout import OptOuts
 from serving.outbox import Outbox
 from shared.config import DynalignConfig
+from shared.lifecycle import Lifecycle
 from shared.registry import Registry
 
 
@@ -27,7 +28,7 @@ class ServerState:
     cfg: DynalignConfig
     aliases: AliasTable
     outbox: Outbox | None
-    registry: Registry
+    lifecycle: Lifecycle
     limits: ClientLimits
     opt_outs: OptOuts
     api_keys: tuple[bytes, ...] = ()
@@ -39,7 +40,7 @@ class ServerState:
         s = cfg.serving
         return cls(
             cfg=cfg, aliases=AliasTable(cfg.model.served_name), outbox=outbox,
-            registry=Registry(cfg.registry.store),
+            lifecycle=Lifecycle.from_config(cfg),
             limits=ClientLimits(s.max_concurrent_per_client, s.rate_limit_per_client,
                                 s.rate_limit_burst, s.max_in_flight),
             opt_outs=OptOuts(s.outbox_dir if outbox is not None else None),
@@ -47,6 +48,10 @@ class ServerState:
             operator_tokens={name: t.get_secret_value().encode()
                              for name, t in s.operator_tokens.items()},
         )
+
+    @property
+    def registry(self) -> Registry:
+        return self.lifecycle.registry
 
     def pseudonym(self, identity: str) -> str:
         salt = self.cfg.serving.user_hash_salt.get_secret_value().encode()

@@ -1,162 +1,17 @@
-"""The in-process vLLM engine and vLLM's own OpenAI serving layer, configured from our config.
-
-We build the same argument list `vllm serve` would take and parse it with vLLM's own parser, so
-every engine and protocol default is vLLM's, and the serving benchmark can start `vllm serve`
-with exactly these arguments as its anchor. Any other `vllm serve` flag passes through
-`model.engine_args` (`--engine-arg KEY=VALUE`), validated by that same parser; flags dynalign
-owns are refused with the setting to use instead.
-"""
+"""The in-process vLLM engine with vLLM's own OpenAI serving layer on the app's state."""
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 from argparse import Namespace
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
-
-from shared.config import ModelConfig, ServingConfig
-
-log = logging.getLogger(__name__)
-
-# Engine flags dynalign sets itself, and why they cannot pass through.
-OWNED_FLAGS = {
-    "model": "use model.path (--model)",
-    "served_model_name": "use model.served_name",
-    "enable_lora": "every adapter version is served through vLLM's LoRA support, so it stays on",
-    "lora_modules": "adapters come from the registry (dynalign adapters ...)",
-    "host": "use serving.host (--host)",
-    "port": "use serving.port (--port)",
-    "api_key": "use serving.api_keys",
-    **{name: f"use model.{name}" for name in ("dtype", "max_model_len", "max_lora_rank",
-                                              "max_loras", "enforce_eager",
-                                              "gpu_memory_utilization", "seed")},
-}
-
-
-class EngineArgsError(ValueError):
-    """An engine flag vLLM does not accept, or one dynalign owns; the message names it."""
-
-
-def has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def resolve_model_path(cfg: ModelConfig) -> str:
-    if cfg.path:
-        return cfg.path
-    from shared.assets import smollm2_dir
-
-    return str(smollm2_dir())
-
-
-def engine_kwargs(cfg: ModelConfig, max_loras: int | None = None) -> dict:
-    """vLLM EngineArgs for our engine: the server (as `vllm serve` flags) and the learner's
-    rollout engine (as `vllm.LLM(**kwargs)`) both take them from here."""
-    gpu = has_gpu()
-    kwargs = dict(
-        model=resolve_model_path(cfg),
-        # CPUs without bf16 units (AVX2) run float32 ~5x faster than bfloat16.
-        dtype=cfg.dtype if cfg.dtype != "auto" else ("auto" if gpu else "float32"),
-        enable_lora=True,
-        max_lora_rank=cfg.max_lora_rank,
-        max_loras=max_loras or cfg.max_loras,
-        seed=cfg.seed,
-        enforce_eager=cfg.enforce_eager or not gpu,
-    )
-    if cfg.max_model_len:
-        kwargs["max_model_len"] = cfg.max_model_len
-    if gpu:
-        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-    else:
-        # vLLM's CPU backend sizes its KV cache from this (GiB); 1 GiB holds our loads.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    return kwargs
-
-
-def _flags(kwargs: dict[str, Any]) -> list[str]:
-    args = []
-    for key, value in kwargs.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            args.append(flag)
-        elif value is False:
-            args.append("--no-" + flag[2:])
-        else:
-            args += [flag, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
-    return args
-
-
-def passthrough(cfg: ModelConfig) -> dict[str, Any]:
-    """model.engine_args with names normalised (dashes or underscores), owned flags refused."""
-    given = {key.replace("-", "_").lstrip("_"): value for key, value in cfg.engine_args.items()}
-    for key in given:
-        if key in OWNED_FLAGS and not (key == "enable_lora" and given[key] is True):
-            raise EngineArgsError(f"engine arg '{key}' is set by dynalign: {OWNED_FLAGS[key]}")
-    given.pop("enable_lora", None)
-    return given
-
-
-def vllm_cli_args(cfg: ModelConfig, serving: ServingConfig | None = None) -> list[str]:
-    """Arguments for `vllm serve` (model first, without host/port) that match our engine."""
-    kwargs = engine_kwargs(cfg)
-    extra = passthrough(cfg)
-    if serving is not None:
-        # vLLM's own server-wide output cap: requests that set no max_tokens stop there too.
-        override = dict(extra.get("override_generation_config") or {})
-        override.setdefault("max_new_tokens", serving.max_tokens)
-        extra["override_generation_config"] = override
-    args = [kwargs.pop("model"), "--served-model-name", cfg.served_name, "--disable-log-stats"]
-    return args + _flags(kwargs) + _flags(extra)
-
-
-def parse_vllm_args(argv: list[str]) -> Namespace:
-    """vLLM's own parser and checks; an error names the flag instead of exiting."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    class Parser(FlexibleArgumentParser):
-        def error(self, message: str):
-            raise EngineArgsError(f"vLLM engine arguments: {message}")
-
-    parser = make_arg_parser(Parser(prog="dynalign"))
-    args = parser.parse_args(["--model", argv[0], *argv[1:]])
-    try:
-        validate_parsed_serve_args(args)
-    except (TypeError, ValueError) as exc:
-        raise EngineArgsError(f"vLLM engine arguments: {exc}") from exc
-    return args
-
-
-def learner_engine_kwargs(cfg: ModelConfig, max_loras: int) -> dict:
-    """`vllm.LLM(**kwargs)` for the learner: our engine settings plus the pass-through flags
-    that configure the engine (typed by vLLM's parser; server-only flags do not apply)."""
-    from dataclasses import fields
-
-    from vllm.engine.arg_utils import EngineArgs
-
-    kwargs = engine_kwargs(cfg, max_loras=max_loras)
-    extra = passthrough(cfg)
-    if extra:
-        parsed = parse_vllm_args([kwargs["model"], *_flags(extra)])
-        engine_fields = {f.name for f in fields(EngineArgs)}
-        for key in extra:
-            if key in engine_fields:
-                kwargs[key] = getattr(parsed, key)
-            else:
-                log.info("engine arg %s is a server flag; the learner's engine ignores it", key)
-    return kwargs
+from typing import AsyncIterator
 
 
 @asynccontextmanager
 async def serving_state(state, args: Namespace) -> AsyncIterator[None]:
     """Start the async engine and fill `state` (a Starlette app.state) with vLLM's serving
     objects: openai_serving_chat, openai_serving_models, ..."""
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+    from shared.vllm_compat import build_async_engine_client, init_app_state
 
     async with build_async_engine_client(args) as engine_client:
         supported_tasks = await engine_client.get_supported_tasks()

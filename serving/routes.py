@@ -14,11 +14,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList
-from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
-from vllm.version import __version__ as VLLM_VERSION
 
 from serving import metrics
 from serving.adapters import AdapterRefused
@@ -26,6 +21,15 @@ from serving.aliases import UnknownModel
 from serving.chat import BadRequest, serve_chat, serve_completion, start_interaction
 from serving.deps import Caller, require_api_key, server_state
 from serving.limits import LimitExceeded
+from shared.vllm_compat import (
+    VLLM_VERSION,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    validate_json_request,
+    with_cancellation,
+)
 
 router = APIRouter()
 

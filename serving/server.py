@@ -17,17 +17,18 @@ from contextlib import asynccontextmanager
 from http import HTTPStatus
 
 from fastapi import FastAPI, HTTPException
-from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
 
 from serving import metrics
 from serving.adapters import AdapterFollower, AdapterRefused
 from serving.admin import router as admin_router
 from serving.deps import ServerState
-from serving.engine import parse_vllm_args, serving_state, vllm_cli_args
+from serving.engine import serving_state
 from serving.outbox import Outbox
 from serving.routes import error_json, router
 from shared.config import DynalignConfig
+from shared.engine import parse_vllm_args, vllm_cli_args
 from shared.registry import base_fingerprint
+from shared.vllm_compat import init_exception_handler
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def create_app(cfg: DynalignConfig, outbox: Outbox | None) -> FastAPI:
             metrics.LIVE_ADAPTER_VERSION.set(0)
             # A crash between an audit line and the state file, or a garbled state file, is
             # repaired from the audit log before anything reads the registry.
-            await asyncio.to_thread(state.registry.recover)
+            await asyncio.to_thread(state.lifecycle.reconcile)
             # Serve what the registry says is live from the first request on.
             try:
                 await follower.sync()

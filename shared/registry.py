@@ -10,7 +10,8 @@ state changes under an exclusive file lock: the audit line is written (and fsync
 the state file is replaced durably, so the audit log is a journal the state can be rebuilt from
 if registry.json is ever lost or garbled. These files are the truth; the Kafka topic
 `dynalign.adapters` only announces changes (see serving/adapters.py).
-States: candidate -> live | rejected; live -> retired when another version goes live.
+States: candidate -> live | rejected; live -> retired when another version goes live. Which
+changes are allowed is decided in shared/lifecycle.py; this module only stores them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field
 
 from shared.files import atomic_write, file_sha256, fsync_tree
 from shared.schemas import utc_now
@@ -52,9 +53,10 @@ class Manifest(BaseModel):
     # sha256 of every file of the version but the manifest (adapter_config.json included: its
     # lora_alpha scales the weights as much as the weights themselves).
     files_sha256: dict[str, str] = Field(default_factory=dict)
-    # Which learner checkpoint produced it: a restarted learner finds its version by this
-    # instead of publishing the same checkpoint twice.
-    source_checkpoint: str
+    # Which learner run and step produced it ("<run id>/step-N"): a restarted learner finds
+    # its version by this instead of publishing the same checkpoint twice, and a new run (a
+    # fresh workdir) never matches an old run's versions.
+    lineage: str = Field(validation_alias=AliasChoices("lineage", "source_checkpoint"))
     trained_offsets: dict[str, list[int]] = Field(default_factory=dict)  # "topic:p" -> [first, last]
     steps: int
     metrics: dict[str, float] = Field(default_factory=dict)
@@ -180,9 +182,9 @@ class AdapterStore:
     def manifest(self, version: int) -> Manifest:
         return Manifest.model_validate_json((self.path(version) / MANIFEST).read_text())
 
-    def find_by_checkpoint(self, checkpoint: str) -> int | None:
+    def find_by_lineage(self, lineage: str) -> int | None:
         for version in self.versions():
-            if self.manifest(version).source_checkpoint == checkpoint:
+            if self.manifest(version).lineage == lineage:
                 return version
         return None
 
@@ -241,7 +243,7 @@ def apply_entry(state: RegistryState, entry: AuditEntry) -> None:
     here, and a rebuild from the audit log replays them all, so the two cannot disagree."""
     if entry.gate is not None and entry.to_version is not None:
         state.gate_results[entry.to_version] = entry.gate
-    if entry.action in ("promote", "rollback"):
+    if entry.action in ("promote", "promote-override", "rollback"):
         if state.live is not None:
             state.states[state.live] = "retired"
         if entry.to_version is not None:
@@ -307,7 +309,7 @@ class Registry(AdapterStore):
     def recover(self) -> RegistryState:
         """At start-up: rewrite registry.json from the audit log if it is behind it, missing or
         garbled (the garbled file is kept beside it for inspection)."""
-        with self._lock():
+        with self.lock():
             path = self.root / self.STATE_FILE
             state = self._reconciled()
             try:
@@ -325,17 +327,17 @@ class Registry(AdapterStore):
             return state
 
     @contextlib.contextmanager
-    def _lock(self):
+    def lock(self):
         """Exclusive across processes sharing the store."""
         with (self.root / ".lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def _change(self, decide) -> tuple[RegistryState, AuditEntry]:
+    def transact(self, decide) -> tuple[RegistryState, AuditEntry]:
         """One transaction: under the lock, `decide(state)` checks the current state and returns
         the audit entry (or raises RegistryError); the entry is made durable first, then applied
-        and the state file replaced durably."""
-        with self._lock():
+        and the state file replaced durably. shared/lifecycle.py decides; this only stores."""
+        with self.lock():
             state = self._reconciled()
             entry = decide(state)
             with (self.root / self.AUDIT_FILE).open("a") as audit:
@@ -345,100 +347,3 @@ class Registry(AdapterStore):
             apply_entry(state, entry)
             atomic_write(self.root / self.STATE_FILE, state.model_dump_json(indent=2).encode())
             return state, entry
-
-    def _require(self, version: int) -> None:
-        if version not in self.versions():
-            raise RegistryError(f"v{version} does not exist (versions: {self.versions()})")
-
-    def promote(self, version: int, actor: str, reason: str = "") -> RegistryState:
-        self._require(version)
-
-        def decide(state: RegistryState) -> AuditEntry:
-            if state.states.get(version) == "rejected":
-                raise RegistryError(f"v{version} was rejected by the gate; "
-                                    "re-run the gate or publish a new version")
-            return self._move_live(state, version, actor, "promote", reason)
-
-        return self._change(decide)[0]
-
-    def rollback(self, actor: str, to: int | None = None, reason: str = "") -> RegistryState:
-        """Back to `to`, or to what was live when the current version was promoted (maybe the
-        base model): repeated rollbacks walk back the chain of promotions."""
-        if to is not None:
-            self._require(to)
-
-        def decide(state: RegistryState) -> AuditEntry:
-            target = to
-            if target is None:
-                moves = [e for e in self.audit_log() if e.action == "promote"
-                         and e.to_version == state.live]
-                if state.live is None or not moves:
-                    raise RegistryError("nothing to roll back to: no earlier live version")
-                target = moves[-1].from_version
-            elif state.states.get(target) == "rejected":
-                raise RegistryError(f"v{target} was rejected by the gate; it cannot go live")
-            return self._move_live(state, target, actor, "rollback", reason)
-
-        return self._change(decide)[0]
-
-    @staticmethod
-    def _move_live(state: RegistryState, to: int | None, actor: str, action: str,
-                   reason: str) -> AuditEntry:
-        if state.live == to:
-            raise RegistryError(f"{'base' if to is None else f'v{to}'} is already live")
-        return AuditEntry(actor=actor, action=action, from_version=state.live, to_version=to,
-                          reason=reason)
-
-    def reject(self, version: int, actor: str, reason: str) -> RegistryState:
-        self._require(version)
-
-        def decide(state: RegistryState) -> AuditEntry:
-            if state.live == version:
-                raise RegistryError(f"v{version} is live; roll back first")
-            return AuditEntry(actor=actor, action="reject", to_version=version, reason=reason)
-
-        return self._change(decide)[0]
-
-    def apply_gate(self, version: int, result: dict[str, Any], auto_promote: bool,
-                   actor: str = "gate") -> tuple[RegistryState, str]:
-        """Record the gate's result; reject a failing version, promote a passing one unless
-        pinned or auto-promotion is off. Returns the new state and what was done."""
-
-        def decide(state: RegistryState) -> AuditEntry:
-            if not result["passed"]:
-                action, reason = "reject", "; ".join(result["reasons"])
-            elif auto_promote and not state.pinned and state.live != version:
-                action, reason = "promote", "gate passed"
-            else:
-                action = "await-operator"
-                reason = "gate passed; " + ("live is pinned" if state.pinned else
-                                            "auto_promote is off")
-            return AuditEntry(actor=actor, action=action, from_version=state.live,
-                              to_version=version, reason=reason, gate=result)
-
-        state, entry = self._change(decide)
-        return state, entry.action
-
-    def set_flag(self, flag: Literal["pinned", "learning_paused"], value: bool, actor: str,
-                 reason: str = "") -> RegistryState:
-        action = {("pinned", True): "pin", ("pinned", False): "unpin",
-                  ("learning_paused", True): "pause-learning",
-                  ("learning_paused", False): "resume-learning"}[(flag, value)]
-        return self._change(lambda state: AuditEntry(
-            actor=actor, action=action, from_version=state.live, to_version=state.live,
-            reason=reason))[0]
-
-
-def announce(cfg, state: RegistryState, actor: str, action: str) -> None:
-    """Tell every replica at once (best effort: replicas also poll the registry files)."""
-    from shared.kafka import producer
-
-    try:
-        p = producer(cfg.kafka.bootstrap, max_block_ms=3000)
-        p.send(cfg.kafka.adapters_topic, key=b"alias:live",
-               value=json.dumps({"live": state.live, "revision": state.revision,
-                                 "actor": actor, "action": action}).encode()).get(timeout=5)
-        p.close(timeout=2)
-    except Exception as exc:
-        log.warning("could not announce on %s (%s); replicas will see it on their next poll",
-                    cfg.kafka.adapters_topic, exc)

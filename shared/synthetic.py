@@ -4,10 +4,12 @@ published like the learner publishes, so serving and the gate see nothing specia
 from __future__ import annotations
 
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
 
+from shared.lifecycle import Lifecycle
 from shared.registry import Manifest, Registry, base_fingerprint
 
 
@@ -33,8 +35,8 @@ def publish_random(registry: Registry, model_dir: Path, *, rank: int = 8, scale:
                    seed: int = 0, fingerprint: str | None = None) -> Manifest:
     with tempfile.TemporaryDirectory() as tmp:
         random_lora(model_dir, Path(tmp) / "adapter", rank=rank, scale=scale, seed=seed)
-        return registry.publish(
-            Path(tmp) / "adapter", parent_version=None, base_model=Path(model_dir).name,
-            base_fingerprint=fingerprint or base_fingerprint(model_dir),
-            source_checkpoint=f"synthetic/seed-{seed}", steps=0,
+        return Lifecycle(registry).publish(
+            Path(tmp) / "adapter", lineage=f"synthetic/{uuid.uuid4().hex}",
+            actor="synthetic", parent_version=None, base_model=Path(model_dir).name,
+            base_fingerprint=fingerprint or base_fingerprint(model_dir), steps=0,
         )

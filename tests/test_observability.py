@@ -350,6 +350,7 @@ def traffic(server) -> None:
 def refused_swap(server, tiny_model: Path) -> None:
     """Promote a version trained on another base in the server's registry: the server refuses
     it (a swap failure); then roll the registry back so the server serves as before."""
+    from shared.lifecycle import Lifecycle
     from shared.registry import Registry
     from shared.synthetic import publish_random
 
@@ -357,13 +358,14 @@ def refused_swap(server, tiny_model: Path) -> None:
     registry = Registry(store)
     before = registry.read_state().live
     version = publish_random(registry, tiny_model, seed=5, fingerprint="0" * 64).version
-    registry.promote(version, actor="test_observability", reason="a swap the server refuses")
+    Lifecycle(registry).promote(version, actor="test_observability",
+                                reason="a swap the server refuses")
     try:
         wait_for(lambda: "dynalign_adapter_swap_failures_total{" in
                  httpx.get(f"{server.base_url}/metrics").text, 60, "the refused swap",
                  server.log_path)
     finally:
-        registry.rollback(actor="test_observability", to=before, reason="restore")
+        Lifecycle(registry).rollback(actor="test_observability", to=before, reason="restore")
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ import pytest
 
 from shared.config import KafkaConfig
 from shared.kafka import EmbeddedBroker, ensure_topics
+from shared.lifecycle import Lifecycle
 from shared.registry import WEIGHTS, Registry
 from shared.synthetic import publish_random
 from tests.conftest import API_KEY, read_records, start_server
@@ -45,9 +46,9 @@ def site(tmp_path_factory, tiny_model):
     registry = Registry(work / "adapters")
     for seed in range(1, 7):
         publish_random(registry, tiny_model, seed=seed, scale=0.3)
-    registry.promote(1, "setup")
-    registry.promote(2, "setup")
-    registry.reject(4, "setup", "bad")
+    Lifecycle(registry).promote(1, "setup")
+    Lifecycle(registry).promote(2, "setup")
+    Lifecycle(registry).reject(4, "setup", "bad")
     (registry.root / Registry.STATE_FILE).write_text('{"states": {"1": "li')  # torn write
     env = {"DYNALIGN_REGISTRY__STORE": str(registry.root),
            "DYNALIGN_REGISTRY__KEEP_LOADED": "1",
@@ -265,7 +266,7 @@ def test_a_refused_live_version_is_retried_until_it_can_be_served(site, tiny_mod
     os.replace(weights, hidden)
     before = chat(server, KEYS["retry"]).headers["x-dynalign-adapter-version"]
     failures = server.metric_sum("dynalign_adapter_swap_failures_total")
-    registry.promote(version, "another host")  # files are the truth; no check on this path
+    Lifecycle(registry).promote(version, "another host")  # files are the truth; no check on this path
     deadline = time.monotonic() + 10  # the server polls the registry every second
     while server.metric_sum("dynalign_adapter_swap_failures_total") == failures:
         assert time.monotonic() < deadline, "the server never tried the new version"
@@ -276,7 +277,7 @@ def test_a_refused_live_version_is_retried_until_it_can_be_served(site, tiny_mod
     while chat(server, KEYS["retry"]).headers["x-dynalign-adapter-version"] != str(version):
         assert time.monotonic() < deadline, "the server never retried the refused version"
         time.sleep(0.5)
-    registry.rollback("test", reason="restore")
+    Lifecycle(registry).rollback("test", reason="restore")
 
 
 @pytest.mark.parametrize("args, salt, named", [
