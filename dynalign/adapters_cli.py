@@ -16,7 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.config import DynalignConfig, load_config
+from dynalign.settings import config_or_exit
+from shared.config import DynalignConfig
 from shared.lifecycle import Lifecycle
 from shared.registry import Registry, RegistryError, RegistryState
 
@@ -32,7 +33,7 @@ ReasonOpt = Annotated[str, typer.Option("--reason", help="Recorded in the audit 
 
 def _setup(config: Path | None, store: Path | None, kafka: str | None
            ) -> tuple[DynalignConfig, Lifecycle]:
-    cfg = load_config(config, registry={"store": store}, kafka={"bootstrap": kafka})
+    cfg = config_or_exit(config, registry={"store": store}, kafka={"bootstrap": kafka})
     return cfg, Lifecycle.from_config(cfg)
 
 

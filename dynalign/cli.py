@@ -22,7 +22,8 @@ from rich.console import Console
 from dynalign.adapters_cli import adapters_app
 from offline.datagen import datagen_command
 from offline.evaluate import eval_app
-from shared.config import DynalignConfig, load_config
+from dynalign.settings import config_or_exit
+from shared.config import DynalignConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.command("datagen")(datagen_command)
@@ -62,7 +63,7 @@ def _engine_args(pairs: list[str] | None) -> dict:
 def _config(config: Path | None, model: str | None, kafka: str | None, host: str | None,
             port: int | None, engine_args: list[str] | None = None,
             insecure_no_auth: bool = False) -> DynalignConfig:
-    cfg = load_config(config, model={"path": model}, kafka={"bootstrap": kafka},
+    cfg = config_or_exit(config, model={"path": model}, kafka={"bootstrap": kafka},
                       serving={"host": host, "port": port,
                                "insecure_no_auth": insecure_no_auth or None})
     cfg.model.engine_args = {**cfg.model.engine_args, **_engine_args(engine_args)}
@@ -245,7 +246,7 @@ def learn(
     from learner.loop import Learner
     from shared.engine import resolve_model_path
 
-    cfg = load_config(config, model={"path": model}, kafka={"bootstrap": kafka},
+    cfg = config_or_exit(config, model={"path": model}, kafka={"bootstrap": kafka},
                       learner={"reward_mode": reward_mode})
     cfg.model.engine_args = {**cfg.model.engine_args, **_engine_args(engine_arg)}
     cfg = learner_settings(cfg, single_user)

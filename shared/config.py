@@ -206,14 +206,13 @@ class _FileSource(PydanticBaseSettingsSource):
 
 
 def load_config(config_file: Path | None = None, **flags: dict[str, Any]) -> DynalignConfig:
-    """Build the config; `flags` are per-section dicts of values given on the command line
-    (None values are dropped, so an unset flag never hides the file or environment). Sections
-    remember which fields were set explicitly (pydantic's model_fields_set)."""
+    """Build and validate the config; `flags` are per-section dicts of values given on the
+    command line (None values are dropped, so an unset flag never hides the file or
+    environment). pydantic-settings merges flags > environment > file section by section and
+    validates the result, so a bad value from any source fails here naming its field; sections
+    remember which fields were set by any source (pydantic's model_fields_set)."""
     if config_file is not None:
         os.environ["DYNALIGN_CONFIG"] = str(config_file)
-    cfg = DynalignConfig()
-    for section, values in flags.items():
-        given = {k: v for k, v in values.items() if v is not None}
-        if given:
-            setattr(cfg, section, getattr(cfg, section).model_copy(update=given))
-    return cfg
+    given = {section: {k: v for k, v in values.items() if v is not None}
+             for section, values in flags.items()}
+    return DynalignConfig(**{section: values for section, values in given.items() if values})
