@@ -40,7 +40,6 @@ from rich.table import Table
 
 from shared.judge import (
     Endpoint,
-    RetryPolicy,
     Sampling,
     chat,
     completion_text,
@@ -75,7 +74,6 @@ class DatagenSettings(BaseModel):
     max_refinements: int = 3
     rouge_l_threshold: float = 0.7
     concurrency: int = 8
-    retry: RetryPolicy = Field(default_factory=RetryPolicy)
     # The pairwise ROUGE-L histogram samples this many pairs when there are more.
     histogram_max_pairs: int = 200_000
     seed: int = 0
@@ -317,7 +315,6 @@ class _Roles:
             self.clients[role],
             spec.endpoint.model,
             messages,
-            self.settings.retry,
             **spec.sampling.as_params(),
         )
         return completion_text(completion)

@@ -101,7 +101,6 @@ async def run_pairwise(
                 prompts,
                 settings.response_sampling,
                 settings.concurrency,
-                settings.judge.retry,
                 settings.system_prompt,
             )
             for endpoint in (settings.a, settings.b)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import random
 import re
 from collections.abc import Sequence
 from enum import Enum
@@ -60,10 +59,6 @@ Output format
 Reply with only a single letter, "A" or "B", and no other text."""
 )
 
-# The errors worth retrying: the server may come back (connection, timeout, 429, 5xx).
-TRANSIENT_ERRORS = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
-
-
 class Endpoint(BaseModel):
     """An OpenAI-compatible chat endpoint and the model to ask there."""
 
@@ -71,12 +66,13 @@ class Endpoint(BaseModel):
     model: str
     api_key: str = Field(default_factory=lambda: os.environ.get("OPENAI_API_KEY", "EMPTY"))
     timeout_s: float = 600.0
+    # The SDK's own retries: connection errors, 408/409/429 and 5xx, exponential back-off with
+    # jitter, honouring Retry-After.
+    max_retries: int = 6
 
     def client(self) -> openai.AsyncOpenAI:
-        # Retries are ours (`chat`), so the client's own are off to keep one policy.
-        return openai.AsyncOpenAI(
-            base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s, max_retries=0
-        )
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key,
+                                  timeout=self.timeout_s, max_retries=self.max_retries)
 
 
 def default_base_url() -> str:
@@ -99,12 +95,6 @@ def parse_target(spec: str, default_url: str | None = None, api_key: str | None 
     return Endpoint(**fields)
 
 
-class RetryPolicy(BaseModel):
-    max_attempts: int = 6
-    initial_backoff_s: float = 1.0
-    max_backoff_s: float = 30.0
-
-
 class Sampling(BaseModel):
     """Sampling parameters; None means the endpoint's default (some models, e.g. OpenAI's
     reasoning models, refuse any temperature but the default)."""
@@ -122,24 +112,10 @@ class Sampling(BaseModel):
         return params
 
 
-async def chat(
-    client: openai.AsyncOpenAI,
-    model: str,
-    messages: list[dict[str, str]],
-    retry: RetryPolicy,
-    **params: Any,
-) -> ChatCompletion:
-    """One chat completion, retried with jittered exponential backoff on transient errors."""
-    for attempt in range(1, retry.max_attempts + 1):
-        try:
-            return await client.chat.completions.create(model=model, messages=messages, **params)
-        except TRANSIENT_ERRORS:
-            if attempt == retry.max_attempts:
-                raise
-            delay = min(retry.max_backoff_s, retry.initial_backoff_s * 2 ** (attempt - 1))
-            # Jitter spreads out workers that failed together so they do not retry together.
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-    raise AssertionError("unreachable")
+async def chat(client: openai.AsyncOpenAI, model: str, messages: list[dict[str, str]],
+               **params: Any) -> ChatCompletion:
+    """One chat completion (the client retries transient errors itself)."""
+    return await client.chat.completions.create(model=model, messages=messages, **params)
 
 
 def completion_text(completion: ChatCompletion) -> str:
@@ -151,11 +127,9 @@ async def collect_responses(
     prompts: Sequence[str],
     sampling: Sampling,
     concurrency: int = 8,
-    retry: RetryPolicy | None = None,
     system_prompt: str | None = None,
 ) -> list[str]:
     """One response per prompt from `endpoint`, in order."""
-    retry = retry or RetryPolicy()
     gate = asyncio.Semaphore(concurrency)
     prefix = [{"role": "system", "content": system_prompt}] if system_prompt else []
     async with endpoint.client() as client:
@@ -163,9 +137,7 @@ async def collect_responses(
         async def one(prompt: str) -> str:
             async with gate:
                 messages = prefix + [{"role": "user", "content": prompt}]
-                completion = await chat(
-                    client, endpoint.model, messages, retry, **sampling.as_params()
-                )
+                completion = await chat(client, endpoint.model, messages, **sampling.as_params())
                 return completion_text(completion)
 
         return list(await asyncio.gather(*(one(p) for p in prompts)))
@@ -246,7 +218,6 @@ class JudgeSettings(BaseModel):
     use_logprobs: bool = False
     sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=0.0, max_tokens=16))
     prompt_template: str = JUDGE_PROMPT
-    retry: RetryPolicy = Field(default_factory=RetryPolicy)
 
 
 class JudgeCall(BaseModel):
@@ -302,13 +273,8 @@ async def judge_once(
     params = settings.sampling.as_params()
     if settings.use_logprobs:
         params.update(logprobs=True, top_logprobs=20)
-    completion = await chat(
-        client,
-        settings.endpoint.model,
-        [{"role": "user", "content": content}],
-        settings.retry,
-        **params,
-    )
+    completion = await chat(client, settings.endpoint.model,
+                            [{"role": "user", "content": content}], **params)
     text = completion_text(completion)
     logprobs = completion.choices[0].logprobs
     # An endpoint that ignores `logprobs` still answers in text: fall back to reading that.

@@ -24,7 +24,7 @@ from offline.datagen import (
     rouge_l_f,
     run_datagen,
 )
-from shared.judge import Endpoint, RetryPolicy
+from shared.judge import Endpoint
 from shared.prompts import GOAL_PROMPT
 
 STUBBORN = "Organize a community garden"  # never appropriate: the round limit
@@ -96,7 +96,6 @@ def _settings(server: ScriptedOpenAI, **overrides) -> DatagenSettings:
         max_refinements=2,
         concurrency=3,
         goal_history=1000,
-        retry=RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05),
     )
     values.update(overrides)
     return DatagenSettings.model_validate(values)

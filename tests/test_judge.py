@@ -17,7 +17,6 @@ from shared.judge import (
     Endpoint,
     JudgeSettings,
     Outcome,
-    RetryPolicy,
     Verdict,
     bootstrap_win_rate_ci,
     length_controlled_win_rate,
@@ -190,7 +189,6 @@ def test_eval_pairwise_end_to_end(tmp_path: Path, use_logprobs: bool) -> None:
             judge=JudgeSettings(
                 endpoint=Endpoint(base_url=server.base_url, model="judge"),
                 use_logprobs=use_logprobs,
-                retry=RetryPolicy(initial_backoff_s=0.01),
             ),
             n_resamples=200,
         )
