@@ -88,7 +88,8 @@ def run_dynalign(model_dir: str, shape: dict, args, prompts_file: Path, workdir:
         gate={"enabled": False},
         registry={"store": str(workdir / "adapters")},
     )
-    learner = Learner(cfg, workdir, lambda offsets: FilePromptSource(prompts_file, offsets))
+    learner = Learner(cfg, workdir, lambda prompt_filter, offsets:
+                      FilePromptSource(prompts_file, prompt_filter, offsets))
     threads = torch.get_num_threads()
     steps = []
     try:

@@ -166,12 +166,9 @@ def learn(
     """Consume interactions, self-score G rollouts per prompt, GRPO-update the LoRA adapter,
     and publish a candidate adapter version every K steps."""
     from prometheus_client import start_http_server
-    from transformers import AutoTokenizer
 
-    from learner.consumer import FilePromptSource, KafkaPromptSource, PromptFilter
-    from learner.grpo import prompt_ids
+    from learner.consumer import FilePromptSource, KafkaPromptSource
     from learner.loop import Learner
-    from serving.engine import resolve_model_path
 
     cfg = load_config(config, model={"path": model}, kafka={"bootstrap": kafka},
                       learner={"reward_mode": reward_mode})
@@ -180,13 +177,10 @@ def learn(
         raise typer.BadParameter("learn needs --kafka or --prompts", param_hint="--kafka")
     lc = cfg.learner
     start_http_server(lc.metrics_port)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model))
-    prompt_filter = PromptFilter(lambda messages: len(prompt_ids(tokenizer, messages)),
-                                 lc.max_prompt_tokens, lc.dedupe_window, lc.max_user_share)
 
-    def source(offsets):
+    def source(prompt_filter, offsets):
         if prompts is not None:
-            return FilePromptSource(prompts, offsets)
+            return FilePromptSource(prompts, prompt_filter, offsets)
         from shared.kafka import ensure_topics
 
         ensure_topics(cfg.kafka)

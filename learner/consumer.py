@@ -1,9 +1,10 @@
 """Where training prompts come from: the interaction log (Kafka), or a static prompt file.
 
-A training prompt is a conversation up to its last user turn (the user's own system prompt kept).
-Records that cannot be read go to the dead-letter topic with a named reason; records that are
-readable but unfit for training are skipped and counted by reason. Offsets are committed only
-after the checkpoint that used them is on disk (see learner.loop).
+A training prompt is a conversation up to its last user turn (the user's own system prompt kept),
+as text. No record can stop the learner: records that cannot be read go to the dead-letter topic
+with a named reason; records that are readable but unfit for training are skipped and counted by
+reason. Offsets are committed only after the checkpoint that used them is on disk (see
+learner.loop).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from kafka import OffsetAndMetadata, TopicPartition
 from pydantic import ValidationError
 
 from learner import metrics
+from shared.chat import NotText, content_text
 from shared.config import DynalignConfig
 from shared.kafka import consumer, producer
 from shared.schemas import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION_HEADER, InteractionRecord
@@ -51,6 +53,14 @@ class PromptSource(Protocol):
 
 
 # -- record → prompt ----------------------------------------------------------------------------
+class Unreadable(Exception):
+    """A record that is not an interaction record we can read: dead-lettered under `reason`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class Unusable(Exception):
     """A readable record that cannot become a training prompt; `reason` is a metric label."""
 
@@ -60,29 +70,29 @@ class Unusable(Exception):
 
 
 def training_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The conversation up to and including its last user turn; text content only."""
+    """The conversation up to and including its last user turn, as text (shared.chat)."""
     last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
     if last_user is None:
         raise Unusable("no_user_turn")
-    kept = messages[: last_user + 1]
-    for message in kept:
-        content = message.get("content")
-        if isinstance(content, list):
-            if any(part.get("type") != "text" for part in content):
-                raise Unusable("non_text_content")
-        elif not isinstance(content, str):
-            raise Unusable("non_text_content")
-    return [{"role": m["role"], "content": m["content"]} for m in kept]
+    try:
+        kept = [{"role": m.get("role"), "content": content_text(m.get("content"))}
+                for m in messages[: last_user + 1]]
+    except NotText:
+        raise Unusable("non_text_content") from None
+    if not kept[-1]["content"].strip():
+        raise Unusable("empty_prompt")
+    return kept
 
 
 class PromptFilter:
-    """Deduplication over a sliding window (record ids and prompt hashes), a prompt length limit,
-    and a cap on one user's share of a batch."""
+    """Which prompts the learner trains on: each must fit (`fits` raises Unusable otherwise; the
+    learner renders it there as it will for rollout, judging and the loss), none may repeat within
+    a sliding window (record ids and prompt hashes), and one principal may fill at most
+    `max_user_share` of a batch."""
 
-    def __init__(self, count_tokens: Callable[[list[dict]], int], max_prompt_tokens: int,
-                 window: int, max_user_share: float | None) -> None:
-        self.count_tokens = count_tokens
-        self.max_prompt_tokens = max_prompt_tokens
+    def __init__(self, fits: Callable[[list[dict]], None], window: int,
+                 max_user_share: float | None) -> None:
+        self.fits = fits
         self.window = window
         self.max_user_share = max_user_share
         self._seen: OrderedDict[str, None] = OrderedDict()
@@ -102,10 +112,9 @@ class PromptFilter:
         duplicate_id = self._remember("id:" + prompt.record_id)
         if duplicate_id or self._remember("prompt:" + digest):
             raise Unusable("duplicate")
-        if self.count_tokens(prompt.messages) > self.max_prompt_tokens:
-            raise Unusable("too_long")
+        self.fits(prompt.messages)
 
-    def user_cap(self, batch_size: int) -> int:
+    def principal_cap(self, batch_size: int) -> int:
         if not self.max_user_share or self.max_user_share >= 1:
             return batch_size
         return max(1, math.floor(self.max_user_share * batch_size))
@@ -119,6 +128,10 @@ def _key(tp_or_message) -> str:
 def _partition(key: str) -> TopicPartition:
     topic, partition = key.rsplit(":", 1)
     return TopicPartition(topic, int(partition))
+
+
+def _where(message) -> str:
+    return f"{message.topic}:{message.partition}@{message.offset}"
 
 
 class KafkaPromptSource:
@@ -160,11 +173,11 @@ class KafkaPromptSource:
             self._pending = iter([m for b in batches.values() for m in b])
 
     def next_batch(self, size: int, max_idle_polls: int | None = None) -> PromptBatch | None:
-        """Block until `size` usable prompts (respecting the per-user cap) have been read;
+        """Block until `size` usable prompts (respecting the per-principal cap) have been read;
         None if `max_idle_polls` polls in a row bring nothing."""
         prompts: list[TrainingPrompt] = []
-        per_user: Counter[str] = Counter()
-        cap = self.filter.user_cap(size)
+        per_principal: Counter[str] = Counter()
+        cap = self.filter.principal_cap(size)
         idle = 0
         for message in self._messages():
             if message is None:
@@ -177,47 +190,65 @@ class KafkaPromptSource:
             prompt = self._read(message)
             if prompt is None:
                 continue
-            if per_user[prompt.principal_hash] >= cap:
+            if per_principal[prompt.principal_hash] >= cap:
                 metrics.RECORDS_SKIPPED.labels("user_share").inc()
                 continue
-            per_user[prompt.principal_hash] += 1
+            per_principal[prompt.principal_hash] += 1
             prompts.append(prompt)
             if len(prompts) == size:
                 return PromptBatch(prompts, dict(self._next))
         raise AssertionError("unreachable")
 
     def _read(self, message) -> TrainingPrompt | None:
+        """The record's training prompt, or None: dead-lettered if unreadable, counted if unfit.
+        Never raises: one record must not stop the learner."""
         metrics.RECORDS_CONSUMED.inc()
-        headers = {k: v for k, v in message.headers or []}
-        version = headers.get(SCHEMA_VERSION_HEADER, b"").decode(errors="replace")
+        try:
+            return self._prompt(message)
+        except Unreadable as exc:
+            self._dead_letter(message, exc.reason)
+        except Unusable as skip:
+            metrics.RECORDS_SKIPPED.labels(skip.reason).inc()
+        except Exception as exc:  # last resort: a case nobody foresaw is named, not fatal
+            log.exception("unexpected error reading %s", _where(message))
+            self._dead_letter(message, f"unexpected_error: {type(exc).__name__}: {exc}")
+        return None
+
+    def _prompt(self, message) -> TrainingPrompt:
+        if message.value is None:
+            raise Unreadable("null_value")
+        if message.key is None:  # the outbox keys every record by its conversation
+            raise Unreadable("null_key")
+        version = dict(message.headers or []).get(SCHEMA_VERSION_HEADER) or b""
+        version = version.decode(errors="replace")
         if version not in {str(v) for v in READABLE_SCHEMA_VERSIONS}:
-            return self._dead_letter(message, f"unsupported_schema_version:{version or 'missing'}")
+            raise Unreadable(f"unsupported_schema_version:{version or 'missing'}")
         try:
             record = InteractionRecord.model_validate_json(message.value)
         except ValidationError as exc:
-            return self._dead_letter(message, f"invalid_record: {exc.errors()[0]['msg']} "
-                                              f"at {exc.errors()[0]['loc']}")
-        try:
-            prompt = TrainingPrompt(record.id, record.principal_hash,
-                                    training_messages(record.messages))
-            self.filter.check(prompt)
-        except Unusable as skip:
-            metrics.RECORDS_SKIPPED.labels(skip.reason).inc()
-            return None
+            error = exc.errors()[0]
+            raise Unreadable(f"invalid_record: {error['msg']} at {error['loc']}") from None
+        prompt = TrainingPrompt(record.id, record.principal_hash,
+                                training_messages(record.messages))
+        self.filter.check(prompt)
         return prompt
 
     def _dead_letter(self, message, reason: str) -> None:
-        """Keep the original bytes and say why; the learner goes on."""
-        log.warning("dead-letter %s:%d@%d: %s", message.topic, message.partition,
-                    message.offset, reason)
-        metrics.RECORDS_DEAD_LETTERED.inc()
-        self.dlq.send(
-            self.cfg.kafka.dlq_topic, key=message.key, value=message.value,
-            headers=[("reason", reason.encode()),
-                     ("source", f"{message.topic}:{message.partition}@{message.offset}".encode()),
-                     *(message.headers or [])],
-        ).get(timeout=30)
-        return None
+        """Keep the original bytes and say why; if even that fails, skip the record, counted."""
+        log.warning("dead-letter %s: %s", _where(message), reason)
+        try:
+            self.dlq.send(
+                self.cfg.kafka.dlq_topic, key=message.key, value=message.value,
+                headers=[("reason", reason.encode(errors="backslashreplace")),
+                         ("source", _where(message).encode()),
+                         # kafka-python cannot send a null header value (the protocol can)
+                         *((k, v) for k, v in message.headers or [] if v is not None)],
+            ).get(timeout=30)
+        except Exception:  # the broker, or a record the producer refuses (too large, ...)
+            log.exception("dead-letter send failed; skipping %s", _where(message))
+            metrics.RECORDS_SKIPPED.labels("dead_letter_failed").inc()
+        else:
+            metrics.RECORDS_DEAD_LETTERED.inc()
 
     def commit(self, next_offsets: dict[str, int]) -> None:
         if not next_offsets:
@@ -241,19 +272,27 @@ class KafkaPromptSource:
 class FilePromptSource:
     """JSONL with either {"messages": [...]} or {"prompt": "..."} per line; cycles forever.
     Its position is reported as the offset of a pseudo-partition "file:0", so checkpoints
-    resume it like a Kafka source."""
+    resume it like a Kafka source. Prompts that do not fit are skipped (logged, counted)."""
 
-    def __init__(self, path: Path, start_offsets: dict[str, int] | None = None) -> None:
+    def __init__(self, path: Path, prompt_filter: PromptFilter,
+                 start_offsets: dict[str, int] | None = None) -> None:
         self.prompts = []
         for i, line in enumerate(Path(path).read_text().splitlines()):
             if not line.strip():
                 continue
             row = json.loads(line)
             messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
-            self.prompts.append(TrainingPrompt(row.get("id", f"{path}:{i}"), "file",
-                                               training_messages(messages)))
+            try:
+                prompt = TrainingPrompt(row.get("id", f"{path}:{i}"), "file",
+                                        training_messages(messages))
+                prompt_filter.fits(prompt.messages)
+            except Unusable as skip:
+                log.warning("%s line %d skipped: %s", path, i + 1, skip.reason)
+                metrics.RECORDS_SKIPPED.labels(skip.reason).inc()
+                continue
+            self.prompts.append(prompt)
         if not self.prompts:
-            raise ValueError(f"{path}: no prompts")
+            raise ValueError(f"{path}: no usable prompts")
         self._cursor = (start_offsets or {}).get("file:0", 0)
 
     def next_batch(self, size: int, max_idle_polls: int | None = None) -> PromptBatch:

@@ -24,11 +24,11 @@ import torch
 
 from learner import checkpoint, drift, metrics
 from learner.checkpoint import CheckpointState
-from learner.consumer import PromptSource
+from learner.consumer import PromptFilter, PromptSource
 from learner.gate import Gate
 from learner.grpo import collate, group_advantages, micro_batches, training_inputs
 from learner.policy import apply_lora, grpo_step, lora_layers, make_optimizer
-from learner.rollout import Completion, RolloutEngine
+from learner.rollout import Completion, RolloutEngine, check_fits
 from shared.config import DynalignConfig
 from shared.registry import Registry, announce, base_fingerprint
 
@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 RewardFn = Callable[[Sequence[list[dict[str, Any]]], Sequence[Sequence[Completion]]],
                     list[list[float | None]]]
-SourceFactory = Callable[[dict[str, int] | None], PromptSource]
+# (prompt filter, next offset per "topic:partition" or None) -> where prompts come from
+SourceFactory = Callable[[PromptFilter, dict[str, int] | None], PromptSource]
 
 # Test hook: SIGKILL ourselves at a named point, to prove crash safety where it is hardest.
 CRASH_POINT_ENV = "DYNALIGN_LEARNER_CRASH_AT"
@@ -101,7 +102,10 @@ class Learner:
             self.step, self.offsets = state.step, dict(state.next_offsets)
             log.info("resumed from %s (step %d, offsets %s)", path.name, self.step, self.offsets)
         self.checkpoint_offsets = dict(self.offsets)
-        self.source = source_factory(self.offsets or None)
+        prompt_filter = PromptFilter(
+            lambda messages: check_fits(self.tokenizer, messages, lc, self.engine.max_model_len),
+            lc.dedupe_window, lc.max_user_share)
+        self.source = source_factory(prompt_filter, self.offsets or None)
         if resumed:
             # A crash may have come between checkpoint and publish, publish and commit, or
             # commit and the gate's verdict: redo whatever is missing.

@@ -31,7 +31,8 @@ def main() -> None:
         gate={"probe_limit": 6, "max_new_tokens": 24},
         registry={"store": str(workdir / "adapters")},
     )
-    learner = Learner(cfg, workdir, lambda offsets: FilePromptSource(prompts, offsets))
+    learner = Learner(cfg, workdir, lambda prompt_filter, offsets:
+                      FilePromptSource(prompts, prompt_filter, offsets))
     learner.run(max_steps=1)  # v1: one small paper-lr step from the base model
 
     with torch.no_grad():  # v2: the same adapter with its B matrices blown up
