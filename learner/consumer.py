@@ -135,6 +135,17 @@ def _where(message) -> str:
 
 
 class KafkaPromptSource:
+    """Prompts from the interaction topic.
+
+    The learner assigns itself every partition of the topic instead of subscribing as a group
+    member: the checkpoint's offsets are the truth about what was trained on, so a rebalance has
+    nothing to decide. Subscribed, a GRPO step longer than max_poll_interval_ms (minutes on a CPU)
+    dropped the learner from its group, and the commit after the next checkpoint then failed
+    (CommitFailedError). The group id still names where offsets are committed (consumer-lag
+    tooling, and a start without a checkpoint resumes from them). One learner per group: two would
+    both read every partition.
+    """
+
     def __init__(self, cfg: DynalignConfig, prompt_filter: PromptFilter,
                  start_offsets: dict[str, int] | None = None, poll_timeout_s: float = 1.0) -> None:
         self.cfg = cfg
@@ -143,29 +154,30 @@ class KafkaPromptSource:
         self.poll_timeout_ms = int(poll_timeout_s * 1000)
         self.consumer = consumer(cfg.kafka.bootstrap, cfg.learner.consumer_group)
         self.dlq = producer(cfg.kafka.bootstrap)
+        self.start_offsets = dict(start_offsets or {})
         self._next: dict[str, int] = {}
         self._pending: Iterator = iter(())
-        if start_offsets:
-            self._assign_from(start_offsets)
-        else:
-            self.consumer.subscribe([self.topic])
+        self._assign_new_partitions()
 
-    def _assign_from(self, offsets: dict[str, int]) -> None:
-        """Resume exactly where a checkpoint says, whatever the group committed."""
-        partitions = self.consumer.partitions_for_topic(self.topic) or set()
-        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-        self.consumer.assign(tps)
-        for tp in tps:
-            key = _key(tp)
-            if key in offsets:
-                self.consumer.seek(tp, offsets[key])
-            else:
-                self.consumer.seek_to_beginning(tp)
+    def _assign_new_partitions(self) -> None:
+        """Assign every partition of the topic, new ones too (partitions can be added). A
+        partition starts at the checkpoint's offset; without one, at the group's committed offset
+        or else the beginning (kafka-python's own choice for an assigned partition)."""
+        partitions = {TopicPartition(self.topic, p)
+                      for p in self.consumer.partitions_for_topic(self.topic)}
+        new = partitions - self.consumer.assignment()
+        if not new:
+            return
+        self.consumer.assign(sorted(partitions))
+        for tp in new:
+            if _key(tp) in self.start_offsets:
+                self.consumer.seek(tp, self.start_offsets[_key(tp)])
 
     def _messages(self):
         while True:
             for message in self._pending:
                 yield message
+            self._assign_new_partitions()  # metadata is cached: no request unless it changed
             batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
             if not batches:
                 yield None  # nothing new now: let the caller decide to wait or return
