@@ -88,7 +88,7 @@ def run_dynalign(model_dir: str, shape: dict, args, prompts_file: Path, workdir:
         gate={"enabled": False},
         registry={"store": str(workdir / "adapters")},
     )
-    learner = Learner(cfg, workdir, lambda prompt_filter, offsets:
+    learner = Learner(cfg, workdir, lambda prompt_filter, offsets, deferred:
                       FilePromptSource(prompts_file, prompt_filter, offsets))
     threads = torch.get_num_threads()
     steps = []

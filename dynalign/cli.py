@@ -178,13 +178,13 @@ def learn(
     lc = cfg.learner
     start_http_server(lc.metrics_port)
 
-    def source(prompt_filter, offsets):
+    def source(prompt_filter, offsets, deferred):
         if prompts is not None:
             return FilePromptSource(prompts, prompt_filter, offsets)
         from shared.kafka import ensure_topics
 
         ensure_topics(cfg.kafka)
-        return KafkaPromptSource(cfg, prompt_filter, offsets)
+        return KafkaPromptSource(cfg, prompt_filter, offsets, deferred)
 
     learner = Learner(cfg, workdir, source)
     console.print(f"learner: metrics on :{lc.metrics_port}/metrics, checkpoints in {workdir}, "

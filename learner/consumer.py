@@ -3,8 +3,9 @@
 A training prompt is a conversation up to its last user turn (the user's own system prompt kept),
 as text. No record can stop the learner: records that cannot be read go to the dead-letter topic
 with a named reason; records that are readable but unfit for training are skipped and counted by
-reason. Offsets are committed only after the checkpoint that used them is on disk (see
-learner.loop).
+reason. Prompts over a principal's share of a batch are deferred to later batches, not dropped.
+Offsets are committed only after the checkpoint that used them is on disk (see learner.loop); the
+checkpoint also keeps the deferred prompts, which were read before those offsets.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ class TrainingPrompt:
 class PromptBatch:
     prompts: list[TrainingPrompt]
     # Next offset to read per "topic:partition" once this batch is trained on (Kafka's commit
-    # convention); empty for file sources.
+    # convention), and the prompts read before those offsets but deferred to a later batch:
+    # together, where a source resumes.
     next_offsets: dict[str, int] = field(default_factory=dict)
+    deferred: list[TrainingPrompt] = field(default_factory=list)
 
 
 class PromptSource(Protocol):
@@ -147,7 +150,8 @@ class KafkaPromptSource:
     """
 
     def __init__(self, cfg: DynalignConfig, prompt_filter: PromptFilter,
-                 start_offsets: dict[str, int] | None = None, poll_timeout_s: float = 1.0) -> None:
+                 start_offsets: dict[str, int] | None = None,
+                 deferred: list[TrainingPrompt] | None = None, poll_timeout_s: float = 1.0) -> None:
         self.cfg = cfg
         self.topic = cfg.kafka.interactions_topic
         self.filter = prompt_filter
@@ -155,8 +159,12 @@ class KafkaPromptSource:
         self.consumer = consumer(cfg.kafka.bootstrap, cfg.learner.consumer_group)
         self.dlq = producer(cfg.kafka.bootstrap)
         self.start_offsets = dict(start_offsets or {})
+        self.deferred = list(deferred or [])  # read, not yet in a batch; oldest first
         self._next: dict[str, int] = {}
         self._pending: Iterator = iter(())
+        self._waiting_on_share_cap = False
+        metrics.WAITING_ON_SHARE_CAP.set(0)
+        metrics.DEFERRED_PROMPTS.set(len(self.deferred))
         self._assign_new_partitions()
 
     def _assign_new_partitions(self) -> None:
@@ -185,13 +193,13 @@ class KafkaPromptSource:
             self._pending = iter([m for b in batches.values() for m in b])
 
     def next_batch(self, size: int, max_idle_polls: int | None = None) -> PromptBatch | None:
-        """Block until `size` usable prompts (respecting the per-principal cap) have been read;
-        None if `max_idle_polls` polls in a row bring nothing."""
-        prompts: list[TrainingPrompt] = []
-        per_principal: Counter[str] = Counter()
+        """Block until `size` prompts make a batch within the per-principal share cap, oldest
+        (deferred) first; None if `max_idle_polls` polls in a row bring nothing."""
         cap = self.filter.principal_cap(size)
         idle = 0
-        for message in self._messages():
+        messages = self._messages()
+        while (batch := self._take(size, cap)) is None:
+            message = next(messages)
             if message is None:
                 idle += 1
                 if max_idle_polls is not None and idle >= max_idle_polls:
@@ -199,17 +207,60 @@ class KafkaPromptSource:
                 continue
             idle = 0
             self._next[_key(message)] = message.offset + 1
-            prompt = self._read(message)
-            if prompt is None:
-                continue
-            if per_principal[prompt.principal_hash] >= cap:
-                metrics.RECORDS_SKIPPED.labels("user_share").inc()
-                continue
-            per_principal[prompt.principal_hash] += 1
-            prompts.append(prompt)
-            if len(prompts) == size:
-                return PromptBatch(prompts, dict(self._next))
-        raise AssertionError("unreachable")
+            if (prompt := self._read(message)) is not None:
+                self._defer(prompt)
+        return PromptBatch(batch, dict(self._next), list(self.deferred))
+
+    def _take(self, size: int, cap: int) -> list[TrainingPrompt] | None:
+        """The oldest deferred prompts, at most `cap` per principal, once `size` of them make a
+        batch (taken out of `deferred`); None until then."""
+        chosen: list[int] = []
+        per_principal: Counter[str] = Counter()
+        for i, prompt in enumerate(self.deferred):
+            if per_principal[prompt.principal_hash] < cap:
+                per_principal[prompt.principal_hash] += 1
+                chosen.append(i)
+                if len(chosen) == size:
+                    break
+        full = len(chosen) == size
+        self._say_if_waiting_on_share_cap(
+            not full and len(self.deferred) > len(chosen), size, cap, len(per_principal))
+        if not full:
+            return None
+        batch = [self.deferred[i] for i in chosen]
+        taken = set(chosen)
+        self.deferred = [p for i, p in enumerate(self.deferred) if i not in taken]
+        metrics.DEFERRED_PROMPTS.set(len(self.deferred))
+        return batch
+
+    def _defer(self, prompt: TrainingPrompt) -> None:
+        """Keep `prompt` for a batch. Past `max_deferred_prompts` the principal with the most
+        deferred prompts loses its oldest (counted): a lone busy principal fills the list, but
+        cannot crowd out the prompt from another principal that lets a batch form."""
+        if len(self.deferred) >= self.cfg.learner.max_deferred_prompts:
+            busiest, _ = Counter(p.principal_hash for p in self.deferred).most_common(1)[0]
+            del self.deferred[next(i for i, p in enumerate(self.deferred)
+                                   if p.principal_hash == busiest)]
+            metrics.RECORDS_SKIPPED.labels("deferred_overflow").inc()
+        self.deferred.append(prompt)
+        metrics.DEFERRED_PROMPTS.set(len(self.deferred))
+
+    def _say_if_waiting_on_share_cap(self, waiting: bool, size: int, cap: int,
+                                     principals: int) -> None:
+        """Log and export why no batch forms, once per change (not per poll)."""
+        if waiting == self._waiting_on_share_cap:
+            return
+        self._waiting_on_share_cap = waiting
+        metrics.WAITING_ON_SHARE_CAP.set(int(waiting))
+        if waiting:
+            log.warning(
+                "waiting for prompts from more principals: a batch of %d prompts takes at most %d "
+                "from one principal (max_user_share %s), and the %d deferred prompts come from %d "
+                "principal(s); they wait (kept in checkpoints, at most %d) until others arrive",
+                size, cap, self.filter.max_user_share, len(self.deferred), principals,
+                self.cfg.learner.max_deferred_prompts)
+        else:
+            log.info("the share cap no longer holds prompts back")
 
     def _read(self, message) -> TrainingPrompt | None:
         """The record's training prompt, or None: dead-lettered if unreadable, counted if unfit.

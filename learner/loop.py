@@ -24,7 +24,7 @@ import torch
 
 from learner import checkpoint, drift, metrics
 from learner.checkpoint import CheckpointState
-from learner.consumer import PromptFilter, PromptSource
+from learner.consumer import PromptFilter, PromptSource, TrainingPrompt
 from learner.gate import Gate
 from learner.grpo import collate, group_advantages, micro_batches, training_inputs
 from learner.policy import apply_lora, grpo_step, lora_layers, make_optimizer
@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 
 RewardFn = Callable[[Sequence[list[dict[str, Any]]], Sequence[Sequence[Completion]]],
                     list[list[float | None]]]
-# (prompt filter, next offset per "topic:partition" or None) -> where prompts come from
-SourceFactory = Callable[[PromptFilter, dict[str, int] | None], PromptSource]
+# (prompt filter, next offset per "topic:partition", deferred prompts) -> where prompts come from
+SourceFactory = Callable[[PromptFilter, dict[str, int], list[TrainingPrompt]], PromptSource]
 
 # Test hook: SIGKILL ourselves at a named point, to prove crash safety where it is hardest.
 CRASH_POINT_ENV = "DYNALIGN_LEARNER_CRASH_AT"
@@ -95,17 +95,20 @@ class Learner:
         self.step = 0
         self.parent_version: int | None = None
         self.offsets: dict[str, int] = {}
+        self.deferred: list[TrainingPrompt] = []
         resumed = checkpoint.latest(self.workdir)
         if resumed:
             path, state = resumed
             checkpoint.restore(path, self.model, self.optimizer)
             self.step, self.offsets = state.step, dict(state.next_offsets)
-            log.info("resumed from %s (step %d, offsets %s)", path.name, self.step, self.offsets)
+            self.deferred = list(state.deferred)
+            log.info("resumed from %s (step %d, offsets %s, %d deferred prompts)", path.name,
+                     self.step, self.offsets, len(self.deferred))
         self.checkpoint_offsets = dict(self.offsets)
         prompt_filter = PromptFilter(
             lambda messages: check_fits(self.tokenizer, messages, lc, self.engine.max_model_len),
             lc.dedupe_window, lc.max_user_share)
-        self.source = source_factory(prompt_filter, self.offsets or None)
+        self.source = source_factory(prompt_filter, self.offsets, self.deferred)
         if resumed:
             # A crash may have come between checkpoint and publish, publish and commit, or
             # commit and the gate's verdict: redo whatever is missing.
@@ -166,6 +169,7 @@ class Learner:
 
         self.step += 1
         self.offsets.update(batch.next_offsets)
+        self.deferred = batch.deferred
         lengths = [len(c.token_ids) for group in candidates for c in group]
         scored = rewards[valid]
         distinct = [row[v].unique().numel() <= 1 for row, v in zip(rewards, valid)]
@@ -197,6 +201,7 @@ class Learner:
             step=self.step,
             next_offsets=dict(self.offsets),
             trained_offsets=checkpoint.trained_ranges(self.checkpoint_offsets, self.offsets),
+            deferred=self.deferred,
             parent_version=self.parent_version,
             metrics={"reward_mean": report.reward_mean, "kl": report.kl, "loss": report.loss},
         )

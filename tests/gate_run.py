@@ -31,7 +31,7 @@ def main() -> None:
         gate={"probe_limit": 6, "max_new_tokens": 24},
         registry={"store": str(workdir / "adapters")},
     )
-    learner = Learner(cfg, workdir, lambda prompt_filter, offsets:
+    learner = Learner(cfg, workdir, lambda prompt_filter, offsets, deferred:
                       FilePromptSource(prompts, prompt_filter, offsets))
     learner.run(max_steps=1)  # v1: one small paper-lr step from the base model
 

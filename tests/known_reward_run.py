@@ -37,7 +37,7 @@ def main() -> None:
                  "checkpoint_every_steps": 1000, "train_dtype": "float32", "lora_rank": 8},
         registry={"store": str(workdir / "adapters")},
     )
-    learner = Learner(cfg, workdir, lambda prompt_filter, offsets:
+    learner = Learner(cfg, workdir, lambda prompt_filter, offsets, deferred:
                       FilePromptSource(prompts, prompt_filter, offsets),
                       reward_fn=known_reward)
     with open(out, "w") as f:

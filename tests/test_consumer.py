@@ -1,8 +1,10 @@
 """KafkaPromptSource on a real Kafka-protocol broker (no engine): committing after a step longer
-than the consumer-group timeouts, and reading partitions that appear later."""
+than the consumer-group timeouts, and the per-principal share cap deferring prompts (durably)
+instead of dropping them."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from datetime import datetime, timezone
@@ -11,6 +13,8 @@ import pytest
 from kafka import KafkaAdminClient, KafkaProducer
 
 import shared.kafka
+from learner import metrics
+from learner.checkpoint import CheckpointState
 from learner.consumer import KafkaPromptSource, PromptFilter
 from shared.config import DynalignConfig, load_config
 from shared.kafka import EmbeddedBroker, ensure_topics
@@ -48,10 +52,10 @@ def produce(cfg: DynalignConfig, *prompts: tuple[str, str]) -> None:
     producer.close()
 
 
-def source(cfg: DynalignConfig) -> KafkaPromptSource:
+def source(cfg: DynalignConfig, **resume) -> KafkaPromptSource:
     prompt_filter = PromptFilter(lambda messages: None, window=1000,
                                  max_user_share=cfg.learner.max_user_share)
-    return KafkaPromptSource(cfg, prompt_filter, poll_timeout_s=0.2)
+    return KafkaPromptSource(cfg, prompt_filter, poll_timeout_s=0.2, **resume)
 
 
 def texts(batch) -> list[str]:
@@ -89,6 +93,64 @@ def test_commit_succeeds_after_a_step_longer_than_max_poll_interval(cfg, monkeyp
         src.commit(second.next_offsets)
         assert committed(cfg) == second.next_offsets
         assert sum(second.next_offsets.values()) == 4
+    finally:
+        src.close()
+
+
+# -- 4. the share cap defers --------------------------------------------------------------------
+def test_a_lone_principal_is_deferred_and_batched_once_another_arrives(cfg, caplog):
+    src = source(cfg)  # 2 prompts per batch, at most 1 per principal
+    try:
+        produce(cfg, ("alone", "a1"), ("alone", "a2"), ("alone", "a3"))
+        with caplog.at_level(logging.INFO, logger="learner.consumer"):
+            assert src.next_batch(2, max_idle_polls=5) is None  # five idle polls: no batch
+        waiting = [r for r in caplog.records if "more principals" in r.getMessage()]
+        assert len(waiting) == 1, "said once, not per poll"
+        assert "at most 1 from one principal" in waiting[0].getMessage()
+        assert metrics.WAITING_ON_SHARE_CAP._value.get() == 1
+        assert metrics.DEFERRED_PROMPTS._value.get() == 3  # nothing dropped
+
+        produce(cfg, ("other", "b1"), ("other", "b2"))
+        first, second = src.next_batch(2), src.next_batch(2)
+        assert texts(first.prompts) == ["a1", "b1"]  # the deferred prompt, oldest first
+        assert texts(second.prompts) == ["a2", "b2"]
+        assert texts(second.deferred) == ["a3"]  # what a checkpoint after it keeps
+        assert metrics.WAITING_ON_SHARE_CAP._value.get() == 0
+        assert metrics.DEFERRED_PROMPTS._value.get() == 1
+    finally:
+        src.close()
+
+
+def test_deferred_prompts_survive_a_restart_through_the_checkpoint(cfg):
+    produce(cfg, ("alone", "a1"), ("alone", "a2"), ("other", "b1"))
+    src = source(cfg)
+    try:
+        batch = src.next_batch(2)
+        assert texts(batch.prompts) == ["a1", "b1"]
+    finally:
+        src.close()
+    # The learner checkpoints the batch's position and commits its offsets, which have moved
+    # past "a2": only the checkpoint still holds it.
+    state = CheckpointState.model_validate_json(CheckpointState(
+        step=1, next_offsets=batch.next_offsets, deferred=batch.deferred).model_dump_json())
+    produce(cfg, ("other", "b2"))
+    resumed = source(cfg, start_offsets=state.next_offsets, deferred=state.deferred)
+    try:
+        assert texts(resumed.next_batch(2).prompts) == ["a2", "b2"]
+    finally:
+        resumed.close()
+
+
+def test_deferral_is_bounded_and_the_busiest_principal_gives_way(cfg):
+    cfg.learner.max_deferred_prompts = 3
+    skipped = metrics.RECORDS_SKIPPED.labels("deferred_overflow")._value.get()
+    produce(cfg, *[("busy", f"a{i}") for i in range(5)], ("other", "b1"))
+    src = source(cfg)
+    try:
+        # Three deferred at most: a0, a1, a2 made way in turn (the busiest principal's oldest),
+        # and b1, the prompt a batch was waiting for, got in.
+        assert texts(src.next_batch(2).prompts) == ["a3", "b1"]
+        assert metrics.RECORDS_SKIPPED.labels("deferred_overflow")._value.get() == skipped + 3
     finally:
         src.close()
 

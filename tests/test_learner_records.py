@@ -1,7 +1,8 @@
 """A learner on Kafka, fed what real clients and broken producers send. It must never stop: it
 trains on what it can and says where the rest went, as an operator sees it: the dead-letter topic
 (with a `reason` header) for records it cannot read, `dynalign_learner_records_skipped_total
-{reason}` for readable ones it cannot train on.
+{reason}` for readable ones it cannot train on, and the share-cap gauges while it waits for more
+principals.
 
 One broker, one server (two API keys = two principals) and one `dynalign learn` process serve the
 module; each test looks at what changed. The learner takes 2 prompts per step with at most 1 per
@@ -25,6 +26,7 @@ import pytest
 from kafka import KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from learner import checkpoint
 from shared.config import KafkaConfig
 from shared.kafka import EmbeddedBroker, consumer, ensure_topics, free_port
 from shared.schemas import Choice, InteractionRecord, SamplingParams, Usage
@@ -306,3 +308,33 @@ def test_poison_records_never_stop_the_learner(stack, tiny_model):
         assert stack.metric("dynalign_learner_records_skipped_total", reason=reason) == \
             skipped[reason] + 1, reason
     assert stack.learner.poll() is None
+
+
+# -- 4. the per-principal share cap defers ------------------------------------------------------
+def test_a_lone_principal_waits_for_another_and_loses_nothing(stack):
+    tag = uuid.uuid4().hex[:6]
+    before = steps(stack)
+    log_start = len(stack.log.read_text())
+    stack.produce(value(record(f"Plan a concert {tag} 1", "alone")))
+    stack.produce(value(record(f"Plan a concert {tag} 2", "alone")))
+    # One principal alone cannot fill a step: the learner says it waits, and why.
+    stack.eventually(lambda: stack.metric("dynalign_learner_waiting_on_share_cap") == 1,
+                     "the share-cap gauge")
+    assert stack.metric("dynalign_learner_deferred_prompts") == 2
+    assert steps(stack) == before
+    assert stack.metric("dynalign_learner_records_skipped_total", reason="user_share") == 0
+
+    # A second principal arrives: a step forms from the deferred prompt and the newcomer; the
+    # other deferred prompt waits for the next step, kept in the checkpoint meanwhile.
+    stack.produce(value(record(f"Plan a concert {tag} 3", "other")))
+    stack.eventually(lambda: steps(stack) >= before + 1, "a step with the deferred prompt")
+    assert stack.metric("dynalign_learner_waiting_on_share_cap") == 0
+    assert stack.metric("dynalign_learner_deferred_prompts") == 1
+    state = checkpoint.latest(stack.workdir / "learner")[1]
+    assert [p.messages[0]["content"] for p in state.deferred] == [f"Plan a concert {tag} 2"]
+
+    stack.produce(value(record(f"Plan a concert {tag} 4", "other")))
+    stack.eventually(lambda: steps(stack) >= before + 2, "a step with the last deferred prompt")
+    assert stack.metric("dynalign_learner_deferred_prompts") == 0
+    log = stack.log.read_text()[log_start:]
+    assert log.count("waiting for prompts from more principals") == 1, log[-3000:]  # not per poll
