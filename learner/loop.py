@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,10 +127,11 @@ class Learner:
         return max(1, self.cfg.learner.batch_completions // self.cfg.learner.group_size)
 
     def run(self, max_steps: int | None = None, max_idle_polls: int | None = None,
-            on_step: Callable[[StepReport], None] | None = None) -> None:
-        """Step until `max_steps` (total, across restarts) or until the source stays empty
-        for `max_idle_polls` polls; None = forever."""
-        while max_steps is None or self.step < max_steps:
+            on_step: Callable[[StepReport], None] | None = None,
+            stop: threading.Event | None = None) -> None:
+        """Step until `max_steps` (total, across restarts), until the source stays empty for
+        `max_idle_polls` polls (None = forever), or until `stop` is set."""
+        while (max_steps is None or self.step < max_steps) and not (stop and stop.is_set()):
             self._wait_while_paused()
             report = self.step_once(max_idle_polls)
             if report is None:
@@ -289,4 +291,7 @@ class Learner:
             metrics.STEP_SECONDS.labels(phase).observe(seconds)
 
     def close(self) -> None:
-        self.source.close()
+        try:
+            self.source.close()
+        finally:
+            self.engine.shutdown()  # its engine-core process must not outlive us

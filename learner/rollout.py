@@ -91,6 +91,11 @@ class RolloutEngine:
         self.lora = None  # the current policy's adapter; None = base
         self._ids = itertools.count(1)
 
+    def shutdown(self) -> None:
+        """End the engine-core process now. vLLM 0.32's LLM has no shutdown of its own; its engine
+        client's terminates the process, then kills it after a grace period."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def single_token_id(self, text: str) -> int:
         """The one token that spells `text` alone ("0".."5" are ids 32-37 in SmolLM2)."""
         encoded = self.tokenizer.encode(text, add_special_tokens=False)
