@@ -174,12 +174,12 @@ class Learner:
         self.deferred = batch.deferred
         lengths = [len(c.token_ids) for group in candidates for c in group]
         scored = rewards[valid]
-        distinct = [row[v].unique().numel() <= 1 for row, v in zip(rewards, valid)]
+        zero_variance = [row[v].unique().numel() <= 1 for row, v in zip(rewards, valid)]
         report = StepReport(
             step=self.step,
             reward_mean=scored.mean().item() if scored.numel() else float("nan"),
             reward_std=scored.std().item() if scored.numel() > 1 else 0.0,
-            zero_variance_groups=sum(distinct) / len(distinct),
+            zero_variance_groups=sum(zero_variance) / len(zero_variance),
             unparsable=int((~valid).sum()),
             kl=float(stats.get("kl", torch.tensor(0.0))),
             loss=float(stats["loss"]),
