@@ -72,6 +72,21 @@ def stop_and_check(process: subprocess.Popen, sig: int, log: Path, timeout_s: fl
         + "; ".join(f"{p.pid} {names[p.pid]}" for p in alive) + "\n" + log.read_text()[-3000:])
 
 
+def start(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    with log.open("wb") as out:
+        # Its own process group, only so that a failing test can still clean up after it.
+        return subprocess.Popen([sys.executable, "-m", "dynalign", *args], cwd=cwd, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # all gone, as it should be
+        pass
+    process.wait()
+
+
 def base_env(tmp_path: Path, tiny_model: Path) -> dict[str, str]:
     return {
         **os.environ,
@@ -90,18 +105,13 @@ def test_sigterm_ends_learn_and_its_engine(tmp_path, tiny_model):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Plan day {i}"}) + "\n" for i in range(4)))
     log = tmp_path / "learn.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "dynalign", "learn", "--prompts", str(prompts),
-             "--workdir", str(tmp_path / "learner")],
-            cwd=tmp_path, env=base_env(tmp_path, tiny_model), stdout=out,
-            stderr=subprocess.STDOUT)
+    process = start(["learn", "--prompts", str(prompts), "--workdir", str(tmp_path / "learner")],
+                    tmp_path, base_env(tmp_path, tiny_model), log)
     try:
         wait_until(lambda: engine_cores(process.pid) == 1, "engine core", process, log, 180)
         stop_and_check(process, signal.SIGTERM, log, timeout_s=60)
     finally:
-        if process.poll() is None:
-            process.kill()
+        kill_group(process)
 
 
 def test_up_learns_from_one_user_and_ctrl_c_ends_everything(tmp_path, tiny_model):
@@ -118,10 +128,7 @@ def test_up_learns_from_one_user_and_ctrl_c_ends_everything(tmp_path, tiny_model
         "DYNALIGN_SERVING__API_KEYS": json.dumps([API_KEY]),
     }
     log = tmp_path / "up.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "dynalign", "up", "--model", str(tiny_model), "--port",
-             str(port)], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    process = start(["up", "--model", str(tiny_model), "--port", str(port)], tmp_path, env, log)
     try:
         wait_until(lambda: answers(f"http://127.0.0.1:{port}/health") is not None, "server",
                    process, log, 240)
@@ -135,5 +142,4 @@ def test_up_learns_from_one_user_and_ctrl_c_ends_everything(tmp_path, tiny_model
         assert engine_cores(process.pid) == 2  # the server's and the learner's
         stop_and_check(process, signal.SIGINT, log, timeout_s=90)
     finally:
-        if process.poll() is None:
-            process.kill()
+        kill_group(process)
