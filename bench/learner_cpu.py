@@ -88,7 +88,8 @@ def run_dynalign(model_dir: str, shape: dict, args, prompts_file: Path, workdir:
         gate={"enabled": False},
         registry={"store": str(workdir / "adapters")},
     )
-    learner = Learner(cfg, workdir, lambda offsets: FilePromptSource(prompts_file, offsets))
+    learner = Learner(cfg, workdir, lambda prompt_filter, offsets, deferred:
+                      FilePromptSource(prompts_file, prompt_filter, offsets)).setup()
     threads = torch.get_num_threads()
     steps = []
     try:
@@ -109,9 +110,7 @@ def run_dynalign(model_dir: str, shape: dict, args, prompts_file: Path, workdir:
             ))
             print(f"dynalign step {len(steps)}: {wall:.1f} s {steps[-1]['phases_s']}", flush=True)
     finally:
-        learner.close()
-        # Stop vLLM's engine processes so they neither hold memory nor share cores with TRL.
-        learner.engine.llm.llm_engine.engine_core.shutdown()
+        learner.close()  # ends vLLM's engine: it must neither hold memory nor share cores with TRL
         del learner
         gc.collect()
     return dict(warmup=steps[0], steps=steps[1:], torch_threads=threads,

@@ -13,8 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import subprocess
+import threading
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -30,6 +34,7 @@ app.command("datagen")(datagen_command)
 app.add_typer(eval_app, name="eval", help="Pairwise CA judgement and IFEval.")
 app.add_typer(adapters_app, name="adapters", help="List, promote, roll back, pin adapters.")
 console = Console()
+log = logging.getLogger("dynalign")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML or YAML config file.")]
 ModelOpt = Annotated[Optional[str], typer.Option(
@@ -143,9 +148,70 @@ def _demo_salt(cfg: DynalignConfig) -> None:
     cfg.serving.user_hash_salt = SecretStr(path.read_text().strip())
 
 
-def _spawn_learner(cfg: DynalignConfig, config: Path | None, engine_args: list[str] | None):
+@contextmanager
+def _ending_descendants() -> Iterator[tuple[ExitStack, threading.Event]]:
+    """Every process started inside ends with this one (a vLLM engine core left behind holds
+    ~700 MB and a core). SIGTERM, how containers are stopped, takes Ctrl-C's path: it sets the
+    yielded event and raises KeyboardInterrupt. The event is for loops to check too: pyzmq's poll,
+    where vLLM waits while its engine starts, drops the KeyboardInterrupt.
+
+    On any exit the cleanups registered on the yielded stack run, further signals ignored so a
+    second Ctrl-C cannot cut them short; then whatever descendant is still alive is ended."""
+    import psutil
+
+    stopping = threading.Event()
+
+    def stop(signum, frame):
+        stopping.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    with ExitStack() as cleanups:
+        try:
+            yield cleanups, stopping
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            me = psutil.Process()
+            descendants = me.children(recursive=True)  # before a cleanup can orphan any
+            try:
+                cleanups.close()
+            finally:
+                _end(p for p in {*descendants, *me.children(recursive=True)}
+                     if p.is_running() and not _exits_with_us(p))
+
+
+def _exits_with_us(process) -> bool:
+    """multiprocessing's resource tracker ignores SIGTERM; it cleans up and exits once the
+    processes sharing its pipe (we and our engine's) are gone."""
+    import psutil
+
+    try:
+        return "multiprocessing.resource_tracker" in " ".join(process.cmdline())
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _end(processes: Iterable, grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL to what is still running after `grace_s`."""
+    import psutil
+
+    processes = list(processes)
+    for process in processes:
+        with suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
+        log.warning("killing pid %d, still running %ss after SIGTERM", process.pid, grace_s)
+        with suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+def _spawn_learner(cfg: DynalignConfig, config: Path | None,
+                   engine_args: list[str] | None) -> subprocess.Popen:
     """The learner runs as its own process (own engine, own metrics port) beside the server."""
-    import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "dynalign", "learn", "--kafka", cfg.kafka.bootstrap,
@@ -157,6 +223,17 @@ def _spawn_learner(cfg: DynalignConfig, config: Path | None, engine_args: list[s
     for pair in engine_args or []:
         cmd += ["--engine-arg", pair]
     return subprocess.Popen(cmd)
+
+
+def _stop_child(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """SIGTERM (a learner's clean path: its engine shut down), SIGKILL past `timeout_s`."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @app.command()
@@ -174,27 +251,25 @@ def up(config: ConfigOpt = None, model: ModelOpt = None, kafka: KafkaOpt = None,
         check_exposure(cfg)  # before the broker and the learner start
     except InsecureConfig as exc:
         _refuse(exc)
-    broker = None
-    if not cfg.kafka.bootstrap:
-        broker = EmbeddedBroker().start()
-        cfg.kafka.bootstrap = broker.bootstrap
-    base = f"http://{cfg.serving.host}:{cfg.serving.port}"
-    console.print(
-        f"[bold]dynalign up[/bold]\n"
-        f"  kafka      {cfg.kafka.bootstrap}" + (" (embedded Tansu, in-memory)" if broker else "")
-        + f"\n  chat       {base}/v1/chat/completions  model='{cfg.model.served_name}'"
-        f"\n  models     {base}/v1/models\n  metrics    {base}/metrics (server), "
-        f"http://127.0.0.1:{cfg.learner.metrics_port}/metrics (learner)"
-        f"\n  outbox     {cfg.serving.outbox_dir.resolve()}"
-    )
-    learner = _spawn_learner(cfg, config, engine_arg)
-    try:
+    with _ending_descendants() as (cleanups, _):  # uvicorn stops on the signals itself
+        embedded = not cfg.kafka.bootstrap
+        if embedded:
+            broker = EmbeddedBroker().start()
+            cleanups.callback(broker.stop)
+            cfg.kafka.bootstrap = broker.bootstrap
+        base = f"http://{cfg.serving.host}:{cfg.serving.port}"
+        console.print(
+            f"[bold]dynalign up[/bold]\n"
+            f"  kafka      {cfg.kafka.bootstrap}" + (" (embedded Tansu, in-memory)" if embedded
+                                                       else "")
+            + f"\n  chat       {base}/v1/chat/completions  model='{cfg.model.served_name}'"
+            f"\n  models     {base}/v1/models\n  metrics    {base}/metrics (server), "
+            f"http://127.0.0.1:{cfg.learner.metrics_port}/metrics (learner)"
+            f"\n  outbox     {cfg.serving.outbox_dir.resolve()}"
+        )
+        # Stopped before the broker: cleanups run last-registered first.
+        cleanups.callback(_stop_child, _spawn_learner(cfg, config, engine_arg))
         _run_server(cfg)
-    finally:
-        learner.terminate()
-        learner.wait(timeout=30)
-        if broker:
-            broker.stop()
 
 
 def learner_settings(cfg: DynalignConfig, single_user: bool = False) -> DynalignConfig:
@@ -239,12 +314,9 @@ def learn(
     """Consume interactions, self-score G rollouts per prompt, GRPO-update the LoRA adapter,
     and publish a candidate adapter version every K steps."""
     from prometheus_client import start_http_server
-    from transformers import AutoTokenizer
 
-    from learner.consumer import FilePromptSource, KafkaPromptSource, PromptFilter
-    from learner.grpo import prompt_ids
+    from learner.consumer import FilePromptSource, KafkaPromptSource
     from learner.loop import Learner
-    from shared.engine import resolve_model_path
 
     cfg = config_or_exit(config, model={"path": model}, kafka={"bootstrap": kafka},
                       learner={"reward_mode": reward_mode})
@@ -254,21 +326,14 @@ def learn(
         raise typer.BadParameter("learn needs --kafka or --prompts", param_hint="--kafka")
     lc = cfg.learner
     start_http_server(lc.metrics_port)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model))
-    prompt_filter = PromptFilter(lambda messages: len(prompt_ids(tokenizer, messages)),
-                                 lc.max_prompt_tokens, lc.dedupe_window, lc.max_user_share)
 
-    def source(offsets):
+    def source(prompt_filter, offsets, deferred):
         if prompts is not None:
-            return FilePromptSource(prompts, offsets)
+            return FilePromptSource(prompts, prompt_filter, offsets)
         from shared.kafka import ensure_topics
 
         ensure_topics(cfg.kafka)
-        return KafkaPromptSource(cfg, prompt_filter, offsets)
-
-    learner = Learner(cfg, workdir, source)
-    console.print(f"learner: metrics on :{lc.metrics_port}/metrics, checkpoints in {workdir}, "
-                  f"candidates in {cfg.registry.store}")
+        return KafkaPromptSource(cfg, prompt_filter, offsets, deferred)
 
     def progress(r) -> None:
         version = f"  → candidate v{r.candidate_version}" if r.candidate_version else ""
@@ -278,10 +343,13 @@ def learn(
             f"loss {r.loss:+.4f}  len {r.completion_tokens:.0f}  {r.tokens_per_s:.0f} tok/s  "
             + " ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items()) + version, soft_wrap=True)
 
-    try:
-        learner.run(max_steps=max_steps, on_step=progress)
-    finally:
-        learner.close()
+    with _ending_descendants() as (cleanups, stopping):
+        learner = Learner(cfg, workdir, source)
+        cleanups.callback(learner.close)  # also after a setup that fails part way
+        learner.setup()
+        console.print(f"learner: metrics on :{lc.metrics_port}/metrics, checkpoints in "
+                      f"{workdir}, candidates in {cfg.registry.store}")
+        learner.run(max_steps=max_steps, on_step=progress, stop=stopping)
 
 
 def main() -> None:

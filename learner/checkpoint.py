@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
+from learner.consumer import TrainingPrompt
 from shared.files import fsync_tree
 
 STATE = "state.json"
@@ -32,6 +33,9 @@ class CheckpointState(BaseModel):
     # since the previous checkpoint ("topic:partition" -> [first, last]).
     next_offsets: dict[str, int]
     trained_offsets: dict[str, list[int]] = Field(default_factory=dict)
+    # Prompts read before next_offsets but not trained on yet (deferred by the share cap): the
+    # committed offsets have moved past them, so this is where they survive a restart.
+    deferred: list[TrainingPrompt] = Field(default_factory=list)
     parent_version: int | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
 

@@ -15,7 +15,6 @@ import asyncio
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import torch
 from pydantic import BaseModel

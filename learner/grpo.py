@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from shared.chat import text_messages
 from shared.prompts import OUTPUT_SYSTEM_PROMPT
 
 # -----------------------------------------------------------------------------
@@ -137,30 +138,25 @@ def grpo_loss(
 # sequences
 
 
-def _text(content: Any) -> str:
-    # OpenAI content is a string or a list of parts; only text parts can join a system prompt.
-    if isinstance(content, str):
-        return content
-    return "".join(p.get("text", "") for p in content if p.get("type") == "text")
-
-
 def rollout_messages(
     messages: list[dict[str, Any]], system_prompt: str = OUTPUT_SYSTEM_PROMPT
 ) -> list[dict[str, Any]]:
-    """The user's conversation with the CA system prompt in front, for sampling the G answers.
+    """The user's conversation (as text) with the CA system prompt in front, for sampling the G
+    answers.
 
     A user system message is merged into one (CA prompt + "\\n\\n" + user's system text), not
     kept as a second system message: many chat templates accept a system message only first."""
+    messages = text_messages(messages)
     if messages and messages[0].get("role") == "system":
-        merged = f"{system_prompt}\n\n{_text(messages[0]['content'])}"
+        merged = f"{system_prompt}\n\n{messages[0]['content']}"
         return [{"role": "system", "content": merged}, *messages[1:]]
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
 def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
-    """Chat-template token ids of `messages` followed by the assistant turn's header."""
+    """Chat-template token ids of `messages` (as text) followed by the assistant turn's header."""
     return tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        text_messages(messages), add_generation_prompt=True, tokenize=True, return_dict=False
     )
 
 

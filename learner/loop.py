@@ -12,10 +12,14 @@ interaction log instead of a static prompt set).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
 import signal
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,19 +28,22 @@ import torch
 
 from learner import checkpoint, drift, metrics
 from learner.checkpoint import CheckpointState
-from learner.consumer import PromptSource
+from learner.consumer import PromptFilter, PromptSource, TrainingPrompt
 from learner.gate import Gate
 from learner.grpo import collate, group_advantages, micro_batches, training_inputs
 from learner.policy import apply_lora, grpo_step, lora_layers, make_optimizer
-from learner.rollout import Completion, RolloutEngine
+from learner.rollout import Completion, RolloutEngine, check_fits
 from shared.config import DynalignConfig
-from shared.registry import Registry, announce, base_fingerprint
+from shared.files import atomic_write
+from shared.lifecycle import Lifecycle
+from shared.registry import WEIGHTS, base_fingerprint, verify_adapter
 
 log = logging.getLogger(__name__)
 
 RewardFn = Callable[[Sequence[list[dict[str, Any]]], Sequence[Sequence[Completion]]],
                     list[list[float | None]]]
-SourceFactory = Callable[[dict[str, int] | None], PromptSource]
+# (prompt filter, next offset per "topic:partition", deferred prompts) -> where prompts come from
+SourceFactory = Callable[[PromptFilter, dict[str, int], list[TrainingPrompt]], PromptSource]
 
 # Test hook: SIGKILL ourselves at a named point, to prove crash safety where it is hardest.
 CRASH_POINT_ENV = "DYNALIGN_LEARNER_CRASH_AT"
@@ -46,6 +53,15 @@ def _crash_point(name: str) -> None:
     if os.environ.get(CRASH_POINT_ENV) == name:
         log.warning("crash point %s: SIGKILL", name)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_id(workdir: Path) -> str:
+    """This workdir's run id, made on first use and kept in the workdir: the first half of every
+    version lineage it publishes."""
+    path = workdir / "run_id"
+    if not path.exists():
+        atomic_write(path, uuid.uuid4().hex[:12].encode())
+    return path.read_text().strip()
 
 
 @dataclass
@@ -65,18 +81,38 @@ class StepReport:
 
 
 class Learner:
+    """A torchtune-style recipe: constructing it only keeps the config; `setup()` loads the
+    models and engine and picks up where the workdir's last run stopped, `run()` steps, `close()`
+    ends the engine. The lineage rules:
+      - versions are published under "<run id>/step-N"; the run id is made once per workdir, so
+        a fresh workdir never mistakes an old run's version for its own checkpoint;
+      - a fresh workdir starts from `live` (what users are served);
+      - when the version a checkpoint became is rejected (by the gate or an operator), training
+        continues from `live`, now and after any restart: the registry's verdict is the durable
+        record of it, read at every setup."""
+
     def __init__(self, cfg: DynalignConfig, workdir: Path, source_factory: SourceFactory,
                  reward_fn: RewardFn | None = None) -> None:
+        self.cfg = cfg
+        self.workdir = Path(workdir)
+        self.source_factory = source_factory
+        self.reward_fn = reward_fn
+        self.step = 0
+        self.parent_version: int | None = None
+        self.offsets: dict[str, int] = {}
+        self.deferred: list[TrainingPrompt] = []
+        self.source: PromptSource | None = None
+        self.engine: RolloutEngine | None = None
+
+    def setup(self) -> "Learner":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from shared.engine import resolve_model_path
 
-        self.cfg = cfg
-        lc = cfg.learner
-        self.workdir = Path(workdir)
+        lc = self.cfg.learner
         self.workdir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(lc.seed)
-        self.model_path = resolve_model_path(cfg.model)
+        self.model_path = resolve_model_path(self.cfg.model)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         dtype = torch.bfloat16 if lc.train_dtype == "bfloat16" else torch.float32
@@ -84,45 +120,49 @@ class Learner:
         self.model = apply_lora(base.to(self.device), lc)
         self.layers = lora_layers(self.model)
         self.optimizer = make_optimizer(self.model, lc)
-        self.store = Registry(cfg.registry.store)
+        self.lifecycle = Lifecycle.from_config(self.cfg)
+        self.lifecycle.reconcile()
+        self.run_id = run_id(self.workdir)
         self.fingerprint = base_fingerprint(self.model_path)
-        self.engine = RolloutEngine(cfg.model, lc, self.workdir / "rollout")
-        self.reward_fn = reward_fn or self.engine.self_scores
-        self.gate = (Gate(cfg.gate, self.engine, self.model, self.layers, self.tokenizer)
-                     if cfg.gate.enabled else None)
+        self.engine = RolloutEngine(self.cfg.model, lc, self.workdir / "rollout")
+        self.reward_fn = self.reward_fn or self.engine.self_scores
+        self.gate = (Gate(self.cfg.gate, self.engine, self.model, self.layers, self.tokenizer)
+                     if self.cfg.gate.enabled else None)
 
-        self.step = 0
-        self.parent_version: int | None = None
-        self.offsets: dict[str, int] = {}
         resumed = checkpoint.latest(self.workdir)
         if resumed:
             path, state = resumed
             checkpoint.restore(path, self.model, self.optimizer)
             self.step, self.offsets = state.step, dict(state.next_offsets)
-            log.info("resumed from %s (step %d, offsets %s)", path.name, self.step, self.offsets)
+            self.deferred = list(state.deferred)
+            log.info("resumed from %s (step %d, offsets %s, %d deferred prompts)", path.name,
+                     self.step, self.offsets, len(self.deferred))
         self.checkpoint_offsets = dict(self.offsets)
-        self.source = source_factory(self.offsets or None)
+        prompt_filter = PromptFilter(
+            lambda messages: check_fits(self.tokenizer, messages, lc, self.engine.max_model_len),
+            lc.dedupe_window, lc.max_user_share)
+        self.source = self.source_factory(prompt_filter, self.offsets, self.deferred)
         if resumed:
             # A crash may have come between checkpoint and publish, publish and commit, or
             # commit and the gate's verdict: redo whatever is missing.
             self.parent_version = self._publish(*resumed)
             self.source.commit(resumed[1].next_offsets)
-        elif (live := self.store.read_state().live) is not None:
-            self._load_version(live)  # a fresh learner starts from what users are served
+            self._judge(self.parent_version)
+        else:
+            self._continue_from_live("a fresh workdir starts from what users are served")
         self.engine.load_policy(self.model.save_pretrained)
-        if resumed and self.gate and self.parent_version not in \
-                self.store.read_state().gate_results:
-            self._gate(self.parent_version)
+        return self
 
     @property
     def prompts_per_step(self) -> int:
         return max(1, self.cfg.learner.batch_completions // self.cfg.learner.group_size)
 
     def run(self, max_steps: int | None = None, max_idle_polls: int | None = None,
-            on_step: Callable[[StepReport], None] | None = None) -> None:
-        """Step until `max_steps` (total, across restarts) or until the source stays empty
-        for `max_idle_polls` polls; None = forever."""
-        while max_steps is None or self.step < max_steps:
+            on_step: Callable[[StepReport], None] | None = None,
+            stop: threading.Event | None = None) -> None:
+        """Step until `max_steps` (total, across restarts), until the source stays empty for
+        `max_idle_polls` polls (None = forever), or until `stop` is set."""
+        while (max_steps is None or self.step < max_steps) and not (stop and stop.is_set()):
             self._wait_while_paused()
             report = self.step_once(max_idle_polls)
             if report is None:
@@ -162,14 +202,15 @@ class Learner:
 
         self.step += 1
         self.offsets.update(batch.next_offsets)
+        self.deferred = batch.deferred
         lengths = [len(c.token_ids) for group in candidates for c in group]
         scored = rewards[valid]
-        distinct = [row[v].unique().numel() <= 1 for row, v in zip(rewards, valid)]
+        zero_variance = [row[v].unique().numel() <= 1 for row, v in zip(rewards, valid)]
         report = StepReport(
             step=self.step,
             reward_mean=scored.mean().item() if scored.numel() else float("nan"),
             reward_std=scored.std().item() if scored.numel() > 1 else 0.0,
-            zero_variance_groups=sum(distinct) / len(distinct),
+            zero_variance_groups=sum(zero_variance) / len(zero_variance),
             unparsable=int((~valid).sum()),
             kl=float(stats.get("kl", torch.tensor(0.0))),
             loss=float(stats["loss"]),
@@ -193,6 +234,7 @@ class Learner:
             step=self.step,
             next_offsets=dict(self.offsets),
             trained_offsets=checkpoint.trained_ranges(self.checkpoint_offsets, self.offsets),
+            deferred=self.deferred,
             parent_version=self.parent_version,
             metrics={"reward_mean": report.reward_mean, "kl": report.kl, "loss": report.loss},
         )
@@ -203,62 +245,85 @@ class Learner:
         self.source.commit(state.next_offsets)
         self.checkpoint_offsets = dict(self.offsets)
         self.parent_version = version
-        if self.gate:
-            self._gate(version)
+        _crash_point("before-verdict")
+        if self._judge(version):
+            self.engine.load_policy(self.model.save_pretrained)
         return version
 
-    def _gate(self, version: int) -> None:
-        """Candidate (the current policy) vs live; promote or reject. After a rejection the
-        learner continues from the live adapter, not from the rejected weights."""
-        live = self.store.read_state().live
-        live_lora = self.engine.lora_request(self.store.path(live), "live") if live else None
-        try:
-            result = self.gate.evaluate(self.engine.lora, live_lora)
-        finally:
-            self.engine.drop(live_lora)
-        drift.record_gate_result(version, result.win_rate, result.kl, result.ifeval_candidate)
-        state, action = self.store.apply_gate(version, result.model_dump(),
-                                              self.cfg.gate.auto_promote)
-        log.info("gate v%d: %s (%s)", version, action, "; ".join(result.reasons) or "passed")
-        if self.cfg.kafka.bootstrap:
-            announce(self.cfg, state, "gate", action)
-        if action == "reject":
-            self._load_version(state.live)
-            self.engine.load_policy(self.model.save_pretrained)
+    def _judge(self, version: int) -> bool:
+        """Gate `version` if it has no verdict yet; if it is rejected, continue from live.
+        True when the training weights changed."""
+        if self.gate and version not in self.lifecycle.state().gate_results:
+            self._gate(version)
+        if self.lifecycle.registry.state_of(version) == "rejected":
+            return self._continue_from_live(f"v{version}, this run's newest, was rejected")
+        return False
 
-    def _load_version(self, version: int | None) -> None:
-        """Training weights := a registry version (None: a fresh adapter); fresh optimiser."""
+    def _gate(self, version: int) -> None:
+        """Candidate vs live, judged on the version's own files, read once: the same bytes go
+        to the engine and into the training model (for the KL canary), and the verdict is
+        recorded against their hash, so it belongs to the weights it judged."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load as load_safetensors
+
+        registry = self.lifecycle.registry
+        verified = verify_adapter(registry.path(version), self.fingerprint,
+                                  self.cfg.learner.lora_rank)
+        if verified.problems:
+            self.lifecycle.reject(version, "gate", "; ".join(verified.problems))
+            return
+        weights = verified.files[WEIGHTS]
+        set_peft_model_state_dict(self.model, load_safetensors(weights))
+        judged = verified.materialize(self.workdir / "gate" / f"v{version}")
+        live = self.lifecycle.state().live
+        candidate_lora = self.engine.lora_request(judged, "candidate")
+        live_lora = self.engine.lora_request(registry.path(live), "live") if live else None
+        try:
+            result = self.gate.evaluate(candidate_lora, live_lora)
+        finally:
+            self.engine.drop(candidate_lora)
+            self.engine.drop(live_lora)
+            shutil.rmtree(judged, ignore_errors=True)
+        drift.record_gate_result(version, result.win_rate, result.kl, result.ifeval_candidate)
+        _, action = self.lifecycle.record_verdict(
+            version, result.model_dump(), hashlib.sha256(weights).hexdigest(),
+            self.cfg.gate.auto_promote)
+        log.info("gate v%d: %s (%s)", version, action, "; ".join(result.reasons) or "passed")
+
+    def _continue_from_live(self, why: str) -> bool:
+        """Training weights := the live version (a fresh adapter while the base model is live),
+        with a fresh optimiser. True (the weights changed)."""
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        if version is None:
+        live = self.lifecycle.state().live
+        if live is None:
             for layer in self.layers:
                 layer.reset_lora_parameters("default", init_lora_weights=True)
         else:
-            weights = load_file(str(self.store.path(version) / "adapter_model.safetensors"))
-            set_peft_model_state_dict(self.model, weights)
+            path = self.lifecycle.registry.path(live) / WEIGHTS
+            set_peft_model_state_dict(self.model, load_file(str(path)))
         self.optimizer = make_optimizer(self.model, self.cfg.learner)
-        self.parent_version = version
+        self.parent_version = live
+        log.info("%s: training continues from %s", why, f"v{live}" if live else "the base model")
+        return True
 
     def _wait_while_paused(self) -> None:
-        if self.store.read_state().learning_paused:
+        if self.lifecycle.state().learning_paused:
             log.info("learning paused by an operator; waiting for resume-learning")
-            while self.store.read_state().learning_paused:
+            while self.lifecycle.state().learning_paused:
                 time.sleep(1.0)  # an operator's flag in a file: nothing to wait on but a poll
 
     def _publish(self, path: Path, state: CheckpointState) -> int:
-        source = f"{self.cfg.learner.consumer_group}/{state.name}"
-        version = self.store.find_by_checkpoint(source)
-        if version is None:
-            version = self.store.publish(
-                path / "adapter", parent_version=state.parent_version,
-                base_model=self.cfg.model.path or Path(self.model_path).name,
-                base_fingerprint=self.fingerprint, source_checkpoint=source, trained_offsets=state.trained_offsets,
-                steps=state.step, metrics=state.metrics,
-            ).version
-            log.info("published candidate v%d from %s", version, source)
-        metrics.LAST_CANDIDATE_VERSION.set(version)
-        return version
+        """The checkpoint's candidate version (published now unless a crash came after it was)."""
+        manifest = self.lifecycle.publish(
+            path / "adapter", lineage=f"{self.run_id}/{state.name}",
+            parent_version=state.parent_version,
+            base_model=self.cfg.model.path or Path(self.model_path).name,
+            base_fingerprint=self.fingerprint, trained_offsets=state.trained_offsets,
+            steps=state.step, metrics=state.metrics)
+        metrics.LAST_CANDIDATE_VERSION.set(manifest.version)
+        return manifest.version
 
     def _export(self, report: StepReport, scored: torch.Tensor, lengths: list[int]) -> None:
         metrics.STEPS.inc()
@@ -280,4 +345,10 @@ class Learner:
             metrics.STEP_SECONDS.labels(phase).observe(seconds)
 
     def close(self) -> None:
-        self.source.close()
+        """Safe after a setup() that failed part way."""
+        try:
+            if self.source is not None:
+                self.source.close()
+        finally:
+            if self.engine is not None:
+                self.engine.shutdown()  # its engine-core process must not outlive us

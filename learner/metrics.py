@@ -10,6 +10,12 @@ RECORDS_SKIPPED = Counter("dynalign_learner_records_skipped_total",
                           "Readable records not used for training, by reason.", ["reason"])
 RECORDS_DEAD_LETTERED = Counter("dynalign_learner_records_dead_lettered_total",
                                 "Unreadable records sent to the dead-letter topic.")
+DEFERRED_PROMPTS = Gauge("dynalign_learner_deferred_prompts",
+                         "Prompts read but not yet in a batch (deferred by the per-principal share "
+                         "cap, or waiting for the batch to fill); kept in checkpoints.")
+WAITING_ON_SHARE_CAP = Gauge("dynalign_learner_waiting_on_share_cap",
+                             "1 while no batch can form because the per-principal share cap holds "
+                             "deferred prompts back (too few principals have prompts waiting).")
 REWARD = Histogram("dynalign_learner_reward", "Self-reward of each scored candidate (0-5).",
                    buckets=(0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5))
 REWARD_MEAN = Gauge("dynalign_learner_reward_mean", "Mean self-reward of the last step.")

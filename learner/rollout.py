@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from learner.grpo import rollout_messages
+from learner.consumer import Unusable
+from learner.grpo import prompt_ids, rollout_messages
 from learner.reward import expected_score, parse_score, reward_prompt
+from shared.chat import content_text
 from shared.config import LearnerConfig, ModelConfig
 
 
@@ -26,15 +28,48 @@ class Completion:
     finish_reason: str | None
 
 
+# Tokens the judge generates after its prompt, by reward_mode: one digit's distribution, or a
+# short reply to parse.
+JUDGE_TOKENS = {"expected": 1, "greedy": 8}
+
+
 def judge_request(messages: list[dict[str, Any]], response: str) -> list[dict[str, str]]:
     """The paper's reward prompt as one user turn. The request is the last user message; earlier
     turns, if any, come first as a transcript so the judge sees what the answer responds to."""
     *history, last = messages
-    request = last["content"] if isinstance(last["content"], str) else str(last["content"])
+    request = content_text(last.get("content"))
     if history:
-        transcript = "\n".join(f"{m['role']}: {m['content']}" for m in history)
+        transcript = "\n".join(f"{m.get('role')}: {content_text(m.get('content'))}"
+                               for m in history)
         request = f"{transcript}\nuser: {request}"
     return [{"role": "user", "content": reward_prompt(request, response)}]
+
+
+def check_fits(tokenizer: Any, messages: list[dict[str, Any]], cfg: LearnerConfig,
+               max_model_len: int) -> None:
+    """Raise Unusable unless `messages` render in the three ways the learner uses them and fit:
+    as trained on (at most max_prompt_tokens), and in the engine (max_model_len) both when rolled
+    out under the CA system prompt and when judged around an answer of max_new_tokens."""
+    try:
+        trained = len(prompt_ids(tokenizer, messages))
+        rollout = len(prompt_ids(tokenizer, rollout_messages(messages)))
+        judged = len(prompt_ids(tokenizer, judge_request(messages, "")))
+    except Exception as exc:  # a chat template can raise anything (jinja2 errors, TypeError)
+        raise Unusable("unrenderable") from exc
+    if trained > cfg.max_prompt_tokens:
+        raise Unusable("too_long")
+    if max(rollout, judged + JUDGE_TOKENS[cfg.reward_mode]) + cfg.max_new_tokens > max_model_len:
+        raise Unusable("too_long_for_model")
+
+
+def judgeable(tokenizer: Any, requests: Sequence[list[dict[str, str]]], reward_mode: str,
+              max_model_len: int) -> list[int]:
+    """Indices of the judge requests the engine can take. check_fits budgets max_new_tokens for
+    the answer, but the answer's text re-tokenised inside the judge prompt can come out longer
+    (a character cut at the token limit decodes to U+FFFD, ...); vLLM refuses a prompt that
+    leaves no room, failing the whole batch, so such a candidate stays unscored instead."""
+    return [i for i, request in enumerate(requests)
+            if len(prompt_ids(tokenizer, request)) + JUDGE_TOKENS[reward_mode] <= max_model_len]
 
 
 class RolloutEngine:
@@ -50,10 +85,16 @@ class RolloutEngine:
         self.llm = LLM(**learner_engine_kwargs(model_cfg, max_loras=3),
                        logprobs_mode="processed_logprobs")
         self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.digit_ids = [self.single_token_id(d) for d in "012345"]
         self.workdir = Path(workdir)
         self.lora = None  # the current policy's adapter; None = base
         self._ids = itertools.count(1)
+
+    def shutdown(self) -> None:
+        """End the engine-core process now. vLLM 0.32's LLM has no shutdown of its own; its engine
+        client's terminates the process, then kills it after a grace period."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def single_token_id(self, text: str) -> int:
         """The one token that spells `text` alone ("0".."5" are ids 32-37 in SmolLM2)."""
@@ -121,21 +162,27 @@ class RolloutEngine:
                     lora=None) -> list[list[float | None]]:
         """The policy judges each candidate 0-5 with the paper's reward prompt, greedily.
         `greedy` parses the text; `expected` is the probability-weighted mean digit at the
-        first answer position. None = unparsable."""
-        from vllm import SamplingParams
-
-        lora = lora or self.lora
+        first answer position. None = unparsable, or too long to judge (see judgeable)."""
         requests = [judge_request(conv, cand.text)
                     for conv, group in zip(conversations, candidates) for cand in group]
-        if self.cfg.reward_mode == "expected":
-            flat = [expected_score({str(d): math.log(p) for d, p in enumerate(dist) if p > 0})
-                    for dist in self.token_distribution(requests, self.digit_ids, lora)]
-        else:
-            params = SamplingParams(temperature=0.0, max_tokens=8)
-            outputs = self.llm.chat(requests, params, lora_request=lora, use_tqdm=False)
-            flat = [parse_score(out.outputs[0].text) for out in outputs]
+        scorable = judgeable(self.tokenizer, requests, self.cfg.reward_mode, self.max_model_len)
+        flat: list[float | None] = [None] * len(requests)
+        if scorable:
+            scores = self._judge([requests[i] for i in scorable], lora or self.lora)
+            for i, score in zip(scorable, scores):
+                flat[i] = score
         bounds = list(itertools.accumulate([0] + [len(group) for group in candidates]))
         return [flat[a:b] for a, b in zip(bounds, bounds[1:])]
+
+    def _judge(self, requests: list[list[dict[str, str]]], lora) -> list[float | None]:
+        from vllm import SamplingParams
+
+        if self.cfg.reward_mode == "expected":
+            return [expected_score({str(d): math.log(p) for d, p in enumerate(dist) if p > 0})
+                    for dist in self.token_distribution(requests, self.digit_ids, lora)]
+        params = SamplingParams(temperature=0.0, max_tokens=JUDGE_TOKENS["greedy"])
+        outputs = self.llm.chat(requests, params, lora_request=lora, use_tqdm=False)
+        return [parse_score(out.outputs[0].text) for out in outputs]
 
     def _chat(self, conversations, params, lora) -> list[list[Completion]]:
         outputs = self.llm.chat(conversations, params, lora_request=lora, use_tqdm=False)

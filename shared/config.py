@@ -115,7 +115,10 @@ class LearnerConfig(BaseModel):
     lora_target_modules: str | list[str] = "all-linear"
     checkpoint_every_steps: int = 10  # K
     max_grad_norm: float = 1.0
-    max_user_share: float = 0.25
+    max_user_share: float = 0.25  # of a batch, per principal (API key); over it prompts wait
+    # Prompts waiting for a batch (the share cap); past this the principal with the most loses
+    # its oldest (dynalign_learner_records_skipped_total{reason="deferred_overflow"}).
+    max_deferred_prompts: int = Field(1024, ge=1)
     dedupe_window: int = 10_000
     consumer_group: str = "dynalign-learner"
     metrics_port: int = 9401

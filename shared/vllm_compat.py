@@ -44,6 +44,14 @@ from vllm.entrypoints.serve.lora.protocol import (  # noqa: E402
 )
 from vllm.version import __version__ as VLLM_VERSION  # noqa: E402
 
+__all__ = [
+    "CHECKED_VERSIONS", "ChatCompletionRequest", "ChatCompletionResponse", "CompletionRequest",
+    "EngineArgs", "ErrorResponse", "FlexibleArgumentParser", "LoadLoRAAdapterRequest",
+    "ModelCard", "ModelList", "StreamOptions", "UnloadLoRAAdapterRequest", "VLLM_VERSION",
+    "build_async_engine_client", "cpu_lora_modules", "init_app_state", "init_exception_handler",
+    "make_arg_parser", "validate_json_request", "validate_parsed_serve_args", "with_cancellation",
+]
+
 
 def cpu_lora_modules():
     """The modules serving/cpu_lora.py patches: vLLM's torch LoRA ops and the CPU punica

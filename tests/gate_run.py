@@ -31,7 +31,8 @@ def main() -> None:
         gate={"probe_limit": 6, "max_new_tokens": 24},
         registry={"store": str(workdir / "adapters")},
     )
-    learner = Learner(cfg, workdir, lambda offsets: FilePromptSource(prompts, offsets))
+    learner = Learner(cfg, workdir, lambda prompt_filter, offsets, deferred:
+                      FilePromptSource(prompts, prompt_filter, offsets)).setup()
     learner.run(max_steps=1)  # v1: one small paper-lr step from the base model
 
     with torch.no_grad():  # v2: the same adapter with its B matrices blown up
@@ -42,9 +43,10 @@ def main() -> None:
     learner.step += 1
     learner.checkpoint(_report(learner))
 
-    state = learner.store.read_state()
-    print(json.dumps({"live": state.live, "states": state.states,
-                      "gate": state.gate_results, "versions": learner.store.versions()}))
+    state = learner.lifecycle.state()
+    print(json.dumps({"live": state.live, "states": state.states, "gate": state.gate_results,
+                      "versions": learner.lifecycle.registry.versions()}))
+    learner.close()
 
 
 def _report(learner):

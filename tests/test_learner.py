@@ -68,6 +68,9 @@ def learn(work: Path, broker, tiny_model, max_steps: int, crash_at: str | None =
         "DYNALIGN_LEARNER__MAX_NEW_TOKENS": "16",
         "DYNALIGN_LEARNER__CHECKPOINT_EVERY_STEPS": "2",
         "DYNALIGN_LEARNER__LR": "1e-3",  # large enough to change greedy text in two steps
+        # Every chat comes with one API key, one principal: the share cap off, as in
+        # `dynalign up`'s single-user mode (a cap would defer every second prompt).
+        "DYNALIGN_LEARNER__MAX_USER_SHARE": "1.0",
         "DYNALIGN_LEARNER__METRICS_PORT": str(free_port()),
         "DYNALIGN_LEARNER__CONSUMER_GROUP": "test-learner",
         "DYNALIGN_REGISTRY__STORE": str(work / "adapters"),

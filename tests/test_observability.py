@@ -294,6 +294,7 @@ def start_learner(workdir: Path, tiny_model: Path, bootstrap: str, port: int):
         "DYNALIGN_LEARNER__BATCH_COMPLETIONS": "16",
         "DYNALIGN_LEARNER__MAX_NEW_TOKENS": "8",
         "DYNALIGN_LEARNER__CONSUMER_GROUP": f"observability-{uuid.uuid4().hex[:6]}",
+        "DYNALIGN_LEARNER__MAX_USER_SHARE": "1.0",  # one API key: one principal chats here
         "DYNALIGN_REGISTRY__STORE": str(workdir / "adapters"),
         "DYNALIGN_MODEL__MAX_MODEL_LEN": "1024",
         "DYNALIGN_GATE__ENABLED": "false",
@@ -324,7 +325,7 @@ def stop_group(process: subprocess.Popen) -> None:
 
 def traffic(server) -> None:
     """Chats that reach every server-side series the dashboards read, and give the learner
-    prompts (each from its own user, so none is held back by the per-user share)."""
+    prompts (one API key, one principal: the learner runs with the share cap off)."""
     from openai import NotFoundError, OpenAI
 
     client = OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0)

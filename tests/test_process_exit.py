@@ -1,0 +1,145 @@
+"""Stopping dynalign ends every process it started: `dynalign learn` on SIGTERM (how Kubernetes and
+compose stop a container) and `dynalign up` on Ctrl-C leave no vLLM engine core, learner or broker
+running. Each orphaned engine core held ~700 MB and a CPU core."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from shared.kafka import free_port
+from tests.conftest import API_KEY
+
+pytestmark = pytest.mark.slow
+
+
+def wait_until(condition, what: str, process: subprocess.Popen, log: Path, timeout_s: float):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert process.poll() is None, f"exited waiting for {what}:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"no {what}:\n{log.read_text()[-4000:]}"
+        time.sleep(0.5)  # polling the process table or an HTTP endpoint: nothing to wait on
+
+
+def engine_cores(pid: int) -> int:
+    count = 0
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            count += "EngineCore" in " ".join(child.cmdline())
+        except psutil.NoSuchProcess:
+            pass
+    return count
+
+
+def answers(url: str) -> str | None:
+    try:
+        response = httpx.get(url, timeout=5)
+    except httpx.HTTPError:
+        return None  # still starting
+    return response.text if response.status_code == 200 else None
+
+
+def steps(metrics_text: str) -> float:
+    return next((float(line.split()[1]) for line in metrics_text.splitlines()
+                 if line.startswith("dynalign_learner_steps_total ")), 0.0)
+
+
+def stop_and_check(process: subprocess.Popen, sig: int, log: Path, timeout_s: float) -> None:
+    """Send `sig`; the process must exit within `timeout_s` and take all its descendants along."""
+    descendants = psutil.Process(process.pid).children(recursive=True)
+    names = {p.pid: " ".join(p.cmdline())[:80] for p in descendants}
+    process.send_signal(sig)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running {timeout_s}s after {signal.Signals(sig).name}:\n"
+                    + log.read_text()[-4000:])
+    finally:
+        _, alive = psutil.wait_procs(descendants, timeout=5)
+        for leftover in alive:  # keep the machine clean whatever the verdict
+            leftover.kill()
+    assert not alive, (
+        f"left running after {signal.Signals(sig).name}: "
+        + "; ".join(f"{p.pid} {names[p.pid]}" for p in alive) + "\n" + log.read_text()[-3000:])
+
+
+def start(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    with log.open("wb") as out:
+        # Its own process group, only so that a failing test can still clean up after it.
+        return subprocess.Popen([sys.executable, "-m", "dynalign", *args], cwd=cwd, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # all gone, as it should be
+        pass
+    process.wait()
+
+
+def base_env(tmp_path: Path, tiny_model: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DYNALIGN_MODEL__PATH": str(tiny_model),
+        "DYNALIGN_MODEL__MAX_MODEL_LEN": "1024",
+        "DYNALIGN_LEARNER__METRICS_PORT": str(free_port()),
+        "DYNALIGN_LEARNER__MAX_NEW_TOKENS": "8",
+        "DYNALIGN_REGISTRY__STORE": str(tmp_path / "adapters"),
+        "DYNALIGN_GATE__ENABLED": "false",
+    }
+
+
+def test_sigterm_ends_learn_and_its_engine(tmp_path, tiny_model):
+    """The signal comes while the engine starts, the hardest moment: vLLM waits in pyzmq's
+    poll then, which drops the KeyboardInterrupt a signal handler raises."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Plan day {i}"}) + "\n" for i in range(4)))
+    log = tmp_path / "learn.log"
+    process = start(["learn", "--prompts", str(prompts), "--workdir", str(tmp_path / "learner")],
+                    tmp_path, base_env(tmp_path, tiny_model), log)
+    try:
+        wait_until(lambda: engine_cores(process.pid) == 1, "engine core", process, log, 180)
+        stop_and_check(process, signal.SIGTERM, log, timeout_s=60)
+    finally:
+        kill_group(process)
+
+
+def test_up_learns_from_one_user_and_ctrl_c_ends_everything(tmp_path, tiny_model):
+    """`dynalign up` is the single-user demo: one API key chats, and its learner (share cap off)
+    steps on those chats. Ctrl-C then ends the server, the learner, both engines and the
+    broker."""
+    from openai import OpenAI
+
+    port, learner_port = free_port(), free_port()
+    env = {
+        **base_env(tmp_path, tiny_model),
+        "DYNALIGN_LEARNER__METRICS_PORT": str(learner_port),
+        "DYNALIGN_SERVING__OUTBOX_DIR": str(tmp_path / "outbox"),
+        "DYNALIGN_SERVING__API_KEYS": json.dumps([API_KEY]),
+    }
+    log = tmp_path / "up.log"
+    process = start(["up", "--model", str(tiny_model), "--port", str(port)], tmp_path, env, log)
+    try:
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/health") is not None, "server",
+                   process, log, 240)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0)
+        for text in ("Plan a picnic", "Name a park"):  # one step's 2 prompts, one principal
+            client.chat.completions.create(model="dynalign", max_tokens=4,
+                                           messages=[{"role": "user", "content": text}])
+        learner_metrics = f"http://127.0.0.1:{learner_port}/metrics"
+        wait_until(lambda: steps(answers(learner_metrics) or "") >= 1, "a learner step",
+                   process, log, 180)
+        assert engine_cores(process.pid) == 2  # the server's and the learner's
+        stop_and_check(process, signal.SIGINT, log, timeout_s=90)
+    finally:
+        kill_group(process)
