@@ -3,11 +3,16 @@ recovered after a crash, never re-sent once acknowledged."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timezone
 
+import pytest
+from kafka import KafkaAdminClient
+from kafka.errors import KafkaConfigurationError
+
 from serving.outbox import Outbox
-from shared.config import KafkaConfig
-from shared.kafka import EmbeddedBroker, ensure_topics, free_port, producer
+from shared.config import DynalignConfig, KafkaConfig
+from shared.kafka import EmbeddedBroker, ensure_topics, free_port, producer, topic_specs
 from shared.schemas import Choice, InteractionRecord, SamplingParams, Usage
 from tests.conftest import read_records
 
@@ -82,3 +87,40 @@ def test_acknowledged_segments_are_trimmed(tmp_path):
         box.close()
     # Only the segment being written may remain; everything behind the cursor is gone.
     assert len(list(tmp_path.glob("segment-*.jsonl"))) <= 2
+
+
+def test_the_producer_is_idempotent_with_acks_all():
+    with EmbeddedBroker() as broker:
+        p = producer(broker.bootstrap)
+        try:
+            assert p.config["enable_idempotence"] and p.config["acks"] == -1
+            p.send(TOPIC, value=b"v").get(timeout=10)
+            # The broker gave the producer an id: idempotence is in effect, not silently off.
+            assert p._transaction_manager.producer_id_and_epoch.producer_id >= 0
+        finally:
+            p.close()
+        # An override that would switch idempotence off is refused, not obeyed silently.
+        with pytest.raises(KafkaConfigurationError):
+            producer(broker.bootstrap, acks=1)
+
+
+def test_topics_take_replication_and_size_limits_from_the_config(monkeypatch):
+    monkeypatch.delenv("DYNALIGN_CONFIG", raising=False)
+    monkeypatch.setenv("DYNALIGN_KAFKA__REPLICATION_FACTOR", "3")
+    monkeypatch.setenv("DYNALIGN_KAFKA__MIN_INSYNC_REPLICAS", "2")
+    monkeypatch.setenv("DYNALIGN_KAFKA__TOPIC_PREFIX", f"t{uuid.uuid4().hex[:6]}")
+    cfg = DynalignConfig().kafka
+    specs = topic_specs(cfg)
+    assert {name: spec["replication_factor"] for name, spec in specs.items()} == \
+        {cfg.interactions_topic: 3, cfg.dlq_topic: 3, cfg.adapters_topic: 3}
+    assert all(spec["configs"]["min.insync.replicas"] == "2" for spec in specs.values())
+    assert specs[cfg.interactions_topic]["configs"]["max.message.bytes"] == "1048576"
+    with EmbeddedBroker() as broker:  # one node: Tansu records the factor without replicating
+        cfg = cfg.model_copy(update={"bootstrap": broker.bootstrap})
+        ensure_topics(cfg)
+        admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+        try:
+            described = admin.describe_topics([cfg.interactions_topic])
+        finally:
+            admin.close()
+    assert {len(p["replica_nodes"]) for p in described[0]["partitions"]} == {3}
