@@ -56,7 +56,7 @@ def _run_server(cfg: DynalignConfig) -> None:
         # never wait on it.
         ensure_topics(cfg.kafka, timeout_s=5)
         return producer(cfg.kafka.bootstrap, max_block_ms=5000, request_timeout_ms=5000,
-                        delivery_timeout_ms=10000)
+                        delivery_timeout_ms=10000, max_request_size=cfg.kafka.max_message_bytes)
 
     outbox = Outbox(
         cfg.serving.outbox_dir,
@@ -64,6 +64,8 @@ def _run_server(cfg: DynalignConfig) -> None:
         connect,
         fsync_interval_ms=cfg.serving.outbox_fsync_interval_ms,
         segment_bytes=cfg.serving.outbox_segment_bytes,
+        max_message_bytes=cfg.kafka.max_message_bytes,
+        max_queued_records=cfg.serving.outbox_max_queued_records,
     )
     uvicorn.run(create_app(cfg, outbox), host=cfg.serving.host, port=cfg.serving.port,
                 log_level="info", timeout_graceful_shutdown=10)

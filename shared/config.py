@@ -70,6 +70,9 @@ class ServingConfig(BaseModel):
     outbox_dir: Path = Path("runs/outbox")
     outbox_fsync_interval_ms: int = 50
     outbox_segment_bytes: int = 16 << 20
+    # Records waiting for the outbox's writer; beyond this (the disk refuses writes) new records
+    # are dropped and counted rather than held in memory without bound.
+    outbox_max_queued_records: int = Field(10_000, ge=1)
     # Salt for hashing user identities (API key or `user` field) into InteractionRecord.user_hash.
     user_hash_salt: SecretStr = SecretStr("dynalign")
 
