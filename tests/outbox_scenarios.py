@@ -3,7 +3,8 @@
 - a file-size limit (RLIMIT_FSIZE, with SIGXFSZ ignored) makes the kernel refuse segment writes
   with EFBIG, as a full disk refuses them with ENOSPC, without touching the test process;
 - memory is read from /proc/self/status (VmRSS now, VmHWM the peak) of a process that runs
-  nothing but the outbox.
+  nothing but the outbox;
+- the outbox's metrics are served over HTTP for a real Prometheus to evaluate the alerts.
 
     python -m tests.outbox_scenarios SCENARIO '{"directory": ..., "bootstrap": ...}'
 
@@ -23,11 +24,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, start_http_server
 
 from serving.outbox import Outbox
 from shared.config import KafkaConfig
-from shared.kafka import ensure_topics, producer
+from shared.kafka import ensure_topics, free_port, producer
 from shared.schemas import Choice, InteractionRecord, SamplingParams, Usage
 
 TOPIC = KafkaConfig().interactions_topic
@@ -190,7 +191,28 @@ def drain(directory: str, bootstrap: str) -> dict:
             "seconds": time.monotonic() - started}
 
 
-SCENARIOS = {f.__name__: f for f in (disk_full, close_on_full_disk, outage, drain)}
+def alerting(directory: str, metrics_port: int) -> dict:
+    """Export the outbox's metrics; on a line from stdin, dead-letter a record and make the disk
+    refuse writes until the queue overflows; then serve until stdin closes."""
+    start_http_server(metrics_port, addr="127.0.0.1")
+    directory = Path(directory)
+    no_broker = f"127.0.0.1:{free_port()}"  # none needed: every event here is the writer's
+    box = outbox_for(directory, no_broker, max_queued_records=5).start()
+    print("serving", flush=True)
+    sys.stdin.readline()  # the test's Prometheus has scraped the counters at 0
+    box.append(unserialisable("alerting"))
+    box.append(record("alerting", "persisted"))
+    wait_until(lambda: sample("dynalign_interactions_logged_total") >= 1, 10, "a record written")
+    limit_file_size(segment_size(directory))
+    for i in range(20):
+        box.append(record("alerting", f"m{i}"))
+    wait_until(lambda: "File too large" in (box.problem or ""), 10, "the write error reported")
+    print("triggered", flush=True)
+    sys.stdin.readline()
+    return {}
+
+
+SCENARIOS = {f.__name__: f for f in (disk_full, close_on_full_disk, outage, drain, alerting)}
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

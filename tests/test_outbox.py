@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import yaml
 from kafka import KafkaAdminClient, TopicPartition
 from kafka.errors import KafkaConfigurationError
 
@@ -28,6 +29,7 @@ from shared.kafka import (
 from shared.schemas import SCHEMA_VERSION_HEADER
 from tests.conftest import REPO, json_result, read_records
 from tests.outbox_scenarios import TOPIC, outbox_for, record, sample, unserialisable
+from tests.test_observability import ALERTS, SERVER_JOB, Prometheus, wait_for
 
 
 def topic_messages(bootstrap: str, topic: str = TOPIC, timeout_s: float = 120) -> Iterator:
@@ -234,6 +236,52 @@ def test_a_long_outage_is_forwarded_from_disk_in_bounded_memory(tmp_path):
         assert restart["depth_at_start"] == count and restart["drained"]
         assert (restart["peak_kb"] - restart["baseline_kb"]) / 1024 < bound_mb
         assert ids_in_topic(bootstrap) == Counter({f"outage-{i:06d}": 1 for i in range(count)})
+
+
+def test_the_outbox_alerts_fire_in_prometheus(tmp_path):
+    """deploy/'s outbox alerts, evaluated by a real Prometheus on a real outbox's metrics: a
+    dead-lettered record, a disk that refuses writes, the queue overflowing."""
+    rules = yaml.safe_load(ALERTS.read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule.pop("for", None)  # fire on the first evaluation
+    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
+    port = free_port()
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.outbox_scenarios", "alerting",
+         json.dumps({"directory": str(tmp_path / "outbox"), "metrics_port": port})],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    prometheus = None
+    try:
+        assert child.stdout.readline().strip() == "serving"
+        prometheus = Prometheus(tmp_path / "prometheus", {SERVER_JOB: f"127.0.0.1:{port}"},
+                                tmp_path / "alerts.yml")
+        # The counters' zeros first, so that increase() sees them move.
+        wait_for(lambda: prometheus.query("dynalign_outbox_dead_lettered_total"), 60,
+                 "the first scrape", prometheus.log_path)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "triggered"
+
+        expected = {("DynalignOutboxDeadLettered", "unserialisable"),
+                    ("DynalignOutboxCannotPersist", ""),
+                    ("DynalignOutboxDroppedRecords", "queue_full")}
+
+        def all_expected_firing() -> set[tuple[str, str]] | None:
+            firing = {(a["labels"]["alertname"], a["labels"].get("reason", ""))
+                      for a in prometheus.alerts()
+                      if a["state"] == "firing" and "Outbox" in a["labels"]["alertname"]}
+            return firing if firing >= expected else None
+
+        # ... and no other outbox alert.
+        assert wait_for(all_expected_firing, 60, "the outbox alerts",
+                        prometheus.log_path) == expected
+    finally:
+        if prometheus:
+            prometheus.stop()
+        child.kill()
+        child.wait()
 
 
 # -- damage found at start-up ---------------------------------------------------------------------
