@@ -101,7 +101,7 @@ def _run_server(cfg: DynalignConfig) -> None:
         # never wait on it.
         ensure_topics(cfg.kafka, timeout_s=5)
         return producer(cfg.kafka.bootstrap, max_block_ms=5000, request_timeout_ms=5000,
-                        delivery_timeout_ms=10000)
+                        delivery_timeout_ms=10000, max_request_size=cfg.kafka.max_message_bytes)
 
     outbox = Outbox(
         cfg.serving.outbox_dir,
@@ -109,6 +109,8 @@ def _run_server(cfg: DynalignConfig) -> None:
         connect,
         fsync_interval_ms=cfg.serving.outbox_fsync_interval_ms,
         segment_bytes=cfg.serving.outbox_segment_bytes,
+        max_message_bytes=cfg.kafka.max_message_bytes,
+        max_queued_records=cfg.serving.outbox_max_queued_records,
     )
     server_app = create_app(cfg, outbox)
     server = uvicorn.Server(uvicorn.Config(server_app, host=cfg.serving.host,

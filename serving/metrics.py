@@ -44,6 +44,32 @@ OUTBOX_DEPTH = Gauge(
 OUTBOX_PUBLISH_ERRORS = Counter(
     "dynalign_outbox_publish_errors_total", "Failed attempts to publish outbox records."
 )
+OUTBOX_WRITE_ERRORS = Counter(
+    "dynalign_outbox_write_errors_total",
+    "Failed writes of outbox segments (disk full, I/O error); the batch is written again.",
+)
+OUTBOX_PROBLEM = Gauge(
+    "dynalign_outbox_problem",
+    "1 while the outbox loses records or puts them at risk (Outbox.problem; /health answers 503).",
+)
+OUTBOX_DROPPED = Counter(
+    "dynalign_outbox_dropped_total",
+    "Records lost before reaching the outbox's disk: queue_full (the writer could not keep up or "
+    "the disk refused writes), shutdown (the disk still refused them at close).",
+    ["reason"],
+)
+OUTBOX_DEAD_LETTERED = Counter(
+    "dynalign_outbox_dead_lettered_total",
+    "Records set aside in the outbox's dead-letter.jsonl instead of Kafka: unserialisable, "
+    "oversized (over kafka.max_message_bytes), rejected (refused by the producer), garbled "
+    "(an unreadable segment line).",
+    ["reason"],
+)
+# Every reason exported from the start (at 0), so that rates and alerts see the series.
+for _reason in ("queue_full", "shutdown"):
+    OUTBOX_DROPPED.labels(_reason)
+for _reason in ("unserialisable", "oversized", "rejected", "garbled"):
+    OUTBOX_DEAD_LETTERED.labels(_reason)
 LIVE_ADAPTER_VERSION = Gauge(
     "dynalign_live_adapter_version", "Adapter version the main alias serves (0 = base model)."
 )

@@ -1,54 +1,115 @@
 """The interaction outbox: a local append-only log forwarded to Kafka, so that logging never
 fails or slows a chat response and nothing is lost while the broker is away.
 
-    append() ──queue──▶ writer thread ──(write + fsync in batches)──▶ segment-000001.jsonl
-                                      └──▶ forwarder thread ──acks=all──▶ dynalign.interactions
-                                                           └──▶ acked.json (cursor) ; trim segments
+    append() ─bounded queue─▶ writer ─(write + fsync, in batches)─▶ segment-000001.jsonl …
+      └ full: dropped, counted ├─ unserialisable, oversized ─▶ dead-letter.jsonl     │
+                               ├─ notify ─▶ forwarder ◀─ windows of ≤ 1000 records ──┘
+                               │             ├─ acks=all, idempotent ─▶ dynalign.interactions
+                               │             ├─ refused record, garbled line ─▶ dead-letter.jsonl
+                               │             └─▶ acked.json (the cursor); trim segments behind it
+                               └─ disk full: cut back, retried with back-off; Outbox.problem set
 
 A record is forwarded only after it is on disk, and the on-disk cursor moves only over records
-Kafka acknowledged; on restart everything past the cursor is sent again (at-least-once; records
-carry ids and consumers deduplicate). Segments wholly behind the cursor are deleted.
+Kafka acknowledged (or that were set aside); on restart everything past the cursor is sent again
+(at-least-once; records carry ids and consumers deduplicate). Segments wholly behind the cursor
+are deleted. The forwarder reads from the segment files a window at a time, so memory stays
+bounded however long Kafka is away.
+
+A record that can never reach Kafka goes to `dead-letter.jsonl` in the outbox directory, one JSON
+line each (reason, time, detail, the record), counted by dynalign_outbox_dead_lettered_total:
+  unserialisable  the record cannot be encoded (e.g. a lone surrogate in a message field)
+  oversized       larger than kafka.max_message_bytes. Set aside whole rather than truncated: a
+                  truncated conversation is a different training example, and the operator can
+                  still recover the original from the file
+  rejected        the producer refused the record itself (MessageSizeTooLargeError, ...)
+  garbled         a segment line that does not parse (disk damage, a torn write after a crash)
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
 import queue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 from kafka import KafkaProducer
+from kafka.errors import (
+    CorruptRecordError,
+    InvalidRecordError,
+    InvalidTimestampError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+)
+from kafka.record.default_records import DefaultRecordBatchBuilder
+from pydantic import BaseModel
 
 from serving import metrics
-from shared.files import fsync_path
-from shared.schemas import INTERACTION_SCHEMA_VERSION, SCHEMA_VERSION_HEADER, InteractionRecord
+from shared.config import KafkaConfig, ServingConfig
+from shared.files import atomic_write, fsync_path
+from shared.schemas import SCHEMA_VERSION_HEADER, InteractionRecord, utc_now
 
 log = logging.getLogger(__name__)
 
 CURSOR_FILE = "acked.json"
+DEAD_LETTER_FILE = "dead-letter.jsonl"
+# What the writer takes per fsync and the forwarder reads and sends per round: bounds memory.
+WINDOW_RECORDS = 1000
+WINDOW_BYTES = 4 << 20  # a window holds at least one record, whatever its size
+FLUSH_TIMEOUT_S = 30
+# Errors that condemn the record itself. Every other error (broker away, authorisation,
+# unsupported version) is the cluster's: retried with back-off, so that a misconfiguration
+# never empties the outbox into the dead-letter file.
+RECORD_ERRORS = (MessageSizeTooLargeError, CorruptRecordError, InvalidRecordError,
+                 InvalidTimestampError)
 
 
 @dataclass(frozen=True)
-class _Pending:
+class _Entry:
+    """A segment line as the forwarder sends it. `value` None: a garbled line, already
+    dead-lettered, that only moves the cursor."""
+
     segment: int
-    end_offset: int  # byte offset just past this record's line
-    key: bytes
-    value: bytes
-    record_id: bytes
+    end_offset: int  # byte offset just past this line
+    value: bytes | None = None
+    key: bytes = b""
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 def _segment_path(directory: Path, seq: int) -> Path:
     return directory / f"segment-{seq:06d}.jsonl"
 
 
+def _end_of_last_line(f: BinaryIO, size: int) -> int:
+    """The offset just past the file's last newline (0 if it has none)."""
+    end = size
+    while end > 0:
+        start = max(0, end - (1 << 20))
+        f.seek(start)
+        newline = f.read(end - start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0
+
+
+def _key_and_headers(conversation_id: str, record_id: str, schema_version: int):
+    """The Kafka key and headers of a record: its own schema version (one recovered from disk
+    may be older than the current one)."""
+    return conversation_id.encode(), ((SCHEMA_VERSION_HEADER, str(schema_version).encode()),
+                                      ("record-id", record_id.encode()))
+
+
 class Outbox:
+    """`max_message_bytes`: larger records are dead-lettered (kafka.max_message_bytes; give the
+    producer the same max_request_size). `max_queued_records`: records waiting for the writer
+    before append() drops (serving.outbox_max_queued_records)."""
+
     def __init__(
         self,
         directory: Path,
@@ -56,6 +117,8 @@ class Outbox:
         producer_factory: Callable[[], KafkaProducer],
         fsync_interval_ms: int = 50,
         segment_bytes: int = 16 << 20,
+        max_message_bytes: int = KafkaConfig.model_fields["max_message_bytes"].default,
+        max_queued_records: int = ServingConfig.model_fields["outbox_max_queued_records"].default,
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -63,20 +126,28 @@ class Outbox:
         self._producer_factory = producer_factory
         self._fsync_interval_s = fsync_interval_ms / 1000
         self._segment_bytes = segment_bytes
+        self._max_message_bytes = max_message_bytes
 
-        self._incoming: queue.SimpleQueue[InteractionRecord | None] = queue.SimpleQueue()
-        self._pending: deque[_Pending] = deque()  # durable, not yet acknowledged, in order
-        self._pending_ready = threading.Condition()
-        self._stopping = threading.Event()
-        self._writer_done = threading.Event()
-        self._cursor = self._read_cursor()
-        self._recover()
-        self._segment_seq, self._segment = self._open_tail_segment()
+        self._incoming: queue.Queue[InteractionRecord | None] = queue.Queue(max_queued_records)
+        self._dropping = False  # between the first drop of a full queue and the next accept
+        self._write_error: str | None = None  # the last write failure, until a write succeeds
+        self._closing = threading.Event()  # close(): the writer empties the queue and ends
+        self._abandon_writes = threading.Event()  # close() stopped waiting on a failing disk
+        self._stopping = threading.Event()  # the forwarder ends
+        self._dead_letter_lock = threading.Lock()
+        # Guards what the writer and the forwarder share: the durable end and the record count.
+        self._durable = threading.Condition()
+
+        self._read_pos = self._cursor = self._read_cursor()
+        self._segment_seq, self._segment_size, self._unsettled = self._recover()
+        self._segment_fd = self._open_segment(self._segment_seq)
+        self._durable_end = (self._segment_seq, self._segment_size)
         self._writer = threading.Thread(target=self._write_loop, name="outbox-writer", daemon=True)
         self._forwarder = threading.Thread(
             target=self._forward_loop, name="outbox-forwarder", daemon=True
         )
         metrics.OUTBOX_DEPTH.set_function(lambda: self.depth)
+        metrics.OUTBOX_PROBLEM.set_function(lambda: self.problem is not None)
 
     # -- public ---------------------------------------------------------------------------------
     def start(self) -> "Outbox":
@@ -85,17 +156,38 @@ class Outbox:
         return self
 
     def append(self, record: InteractionRecord) -> None:
-        """Never blocks on disk or network: the writer thread serialises and persists."""
-        self._incoming.put(record)
-
-    @property
-    def problem(self) -> str | None:
-        """Why records cannot be persisted now (None: they can)."""
-        return None
+        """Never blocks and never raises: the writer thread serialises and persists. While the
+        queue is full (the disk refuses writes, or the writer cannot keep up) the record is
+        dropped and counted (dynalign_outbox_dropped_total{reason="queue_full"})."""
+        try:
+            self._incoming.put_nowait(record)
+        except queue.Full:
+            metrics.OUTBOX_DROPPED.labels("queue_full").inc()
+            if not self._dropping:
+                self._dropping = True
+                log.error("outbox: queue of %d records full (%s); dropping records until it "
+                          "drains", self._incoming.maxsize, self._write_error or "writer behind")
+            return
+        self._dropping = False
 
     @property
     def depth(self) -> int:
-        return len(self._pending) + self._incoming.qsize()
+        """Records not yet acknowledged by Kafka (nor set aside): queued or on disk."""
+        return self._unsettled + self._incoming.qsize()
+
+    @property
+    def problem(self) -> str | None:
+        """Why records are being lost or put at risk now, or None: for the server's /health
+        (503 while set) and the gauge dynalign_outbox_problem. Kafka being away is no problem
+        here: records wait on disk (see `depth`)."""
+        if self._write_error:
+            return f"outbox cannot write to disk: {self._write_error}"
+        if self._incoming.full():
+            return "outbox queue full: new records are dropped"
+        for thread in (self._writer, self._forwarder):
+            if thread.ident is not None and not thread.is_alive() and not self._closing.is_set():
+                return f"{thread.name} thread stopped"
+        return None
 
     def wait_drained(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -104,118 +196,237 @@ class Outbox:
         return self.depth == 0
 
     def close(self, drain_timeout_s: float = 10.0) -> None:
-        """Persist everything appended; give Kafka `drain_timeout_s` to take the rest (what it
-        does not take stays on disk and is sent on the next start)."""
-        self._incoming.put(None)
-        self._writer_done.wait()
-        self.wait_drained(drain_timeout_s)
+        """Persist what was appended and give Kafka the rest of `drain_timeout_s` to take it
+        (what it does not take stays on disk for the next start). Returns within about
+        drain_timeout_s + 6 s whatever the threads are doing (the writer gets drain_timeout_s
+        + 1 s); records the disk still refuses then are dropped and counted (reason
+        "shutdown")."""
+        deadline = time.monotonic() + drain_timeout_s
+        self._closing.set()
+        try:
+            self._incoming.put_nowait(None)  # wakes an idle writer
+        except queue.Full:
+            pass  # a busy writer sees _closing once the queue is empty
+        if self._writer.is_alive():
+            self._writer.join(timeout=drain_timeout_s)
+            self._abandon_writes.set()
+            self._writer.join(timeout=1)
+        if self._forwarder.is_alive():
+            self.wait_drained(max(0.0, deadline - time.monotonic()))
         self._stopping.set()
-        with self._pending_ready:
-            self._pending_ready.notify_all()
-        self._forwarder.join(timeout=15)
+        with self._durable:
+            self._durable.notify_all()
+        if self._forwarder.is_alive():
+            self._forwarder.join(timeout=5)
 
     # -- start-up -------------------------------------------------------------------------------
-    def _read_cursor(self) -> tuple[int, int]:
-        try:
-            data = json.loads((self.directory / CURSOR_FILE).read_text())
-            return int(data["segment"]), int(data["offset"])
-        except FileNotFoundError:
-            return 0, 0
-
     def _segments(self) -> list[int]:
         return sorted(int(p.stem.split("-")[1]) for p in self.directory.glob("segment-*.jsonl"))
 
-    def _recover(self) -> None:
-        """Queue every durable record past the cursor; cut a torn last line from a crash."""
-        cursor_seg, cursor_off = self._cursor
+    def _read_cursor(self) -> tuple[int, int]:
+        """Where Kafka's acknowledgements reached. A damaged cursor means resending everything
+        on disk: at-least-once, consumers deduplicate by record id."""
+        path = self.directory / CURSOR_FILE
+        try:
+            data = json.loads(path.read_bytes())
+            seq, offset = int(data["segment"]), int(data["offset"])
+        except FileNotFoundError:
+            return 0, 0
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("outbox: %s unreadable (%r); resending from the oldest segment", path, exc)
+            return 0, 0
+        segment = _segment_path(self.directory, seq)
+        size = segment.stat().st_size if segment.exists() else 0
+        if not 0 <= offset <= size:
+            log.warning("outbox: %s points at byte %d of %s, which has %d; resending from the "
+                        "oldest segment", path, offset, segment.name, size)
+            return 0, 0
+        return seq, offset
+
+    def _recover(self) -> tuple[int, int, int]:
+        """Delete segments behind the cursor, cut a torn last line (a crash during a write) and
+        count the records past the cursor, without holding them. Returns the tail segment, its
+        size and the count."""
+        cursor_seq, cursor_offset = self._cursor
         for seq in self._segments():
-            if seq < cursor_seg:
+            if seq < cursor_seq:
                 _segment_path(self.directory, seq).unlink()
-                continue
-            path = _segment_path(self.directory, seq)
-            data = path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                data = data[: data.rfind(b"\n") + 1]
-                with path.open("r+b") as f:
-                    f.truncate(len(data))
-            offset = cursor_off if seq == cursor_seg else 0
-            for line in data[offset:].splitlines(keepends=True):
-                offset += len(line)
-                self._pending.append(self._pending_entry(seq, offset, line.rstrip(b"\n")))
+        segments = self._segments()
+        if not segments:
+            return max(cursor_seq, 1), 0, 0
+        tail = _segment_path(self.directory, segments[-1])
+        with tail.open("r+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            whole = _end_of_last_line(f, size)
+            if whole < size:
+                f.seek(whole)
+                torn = f.read()
+                f.truncate(whole)
+                f.flush()
+                os.fsync(f.fileno())
+                self._dead_letter("garbled", f"{tail.name}:{whole}: torn last line, cut (a "
+                                  "crash interrupted its write)",
+                                  torn.decode("utf-8", "backslashreplace"))
+                size = whole
+        count = 0
+        for seq in segments:
+            with _segment_path(self.directory, seq).open("rb") as f:
+                f.seek(cursor_offset if seq == cursor_seq else 0)
+                count += sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+        return segments[-1], size, count
 
-    def _open_tail_segment(self):
-        seq = max(self._segments(), default=max(self._cursor[0], 1))
-        return seq, _segment_path(self.directory, seq).open("ab")
+    def _open_segment(self, seq: int) -> int:
+        # Unbuffered, so that a failed write can be cut back exactly (see _write).
+        return os.open(_segment_path(self.directory, seq), os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                       0o644)
 
-    @staticmethod
-    def _pending_entry(seq: int, end_offset: int, value: bytes) -> _Pending:
-        # Key and id are read back from the JSON so recovery needs nothing but the segment files.
-        head = json.loads(value)
-        return _Pending(seq, end_offset, head["conversation_id"].encode(), value,
-                        head["id"].encode())
+    # -- dead letters ---------------------------------------------------------------------------
+    def _dead_letter(self, reason: str, detail: str, record: Any) -> None:
+        """Set a record aside in the dead-letter file, in a form that can always be written."""
+        if isinstance(record, BaseModel):
+            record_id = record.id
+            record = record.model_dump(mode="python")  # no encoding yet: that may be the issue
+        else:
+            record_id = record.get("id") if isinstance(record, dict) else None
+        entry = {"reason": reason, "at": utc_now().isoformat(), "detail": detail, "record": record}
+        try:
+            line = json.dumps(entry, ensure_ascii=True, default=str)
+        except (TypeError, ValueError):  # e.g. a dict key JSON cannot hold: keep the text
+            line = json.dumps({**entry, "record": repr(record)}, ensure_ascii=True)
+        metrics.OUTBOX_DEAD_LETTERED.labels(reason).inc()
+        log.error("outbox: record %s dead-lettered (%s): %s; see %s", record_id, reason, detail,
+                  self.directory / DEAD_LETTER_FILE)
+        try:
+            with self._dead_letter_lock, (self.directory / DEAD_LETTER_FILE).open("ab") as f:
+                f.write(line.encode() + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            log.error("outbox: could not write the dead letter, record %s is lost: %s",
+                      record_id, exc)
 
     # -- writer ---------------------------------------------------------------------------------
     def _write_loop(self) -> None:
-        closing = False
-        while not closing:
-            batch: list[InteractionRecord] = []
-            item = self._incoming.get()
-            deadline = time.monotonic() + self._fsync_interval_s
-            # Group whatever arrives within one fsync interval into a single fsync.
-            while True:
-                if item is None:
-                    closing = True
-                    break
-                batch.append(item)
-                try:
-                    item = self._incoming.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-            if batch:
-                self._persist(batch)
-        self._segment.close()
-        self._writer_done.set()
+        while not (self._closing.is_set() and self._incoming.empty()):
+            lines = [line for record in self._take_batch() if (line := self._serialise(record))]
+            if lines and not self._write(lines):
+                break  # close() gave up on a disk that refuses writes
+        os.close(self._segment_fd)
 
-    def _persist(self, batch: list[InteractionRecord]) -> None:
-        entries = []
-        for record in batch:
+    def _take_batch(self) -> list[InteractionRecord]:
+        """The next record and whatever follows within one fsync interval (one fsync for all)."""
+        batch: list[InteractionRecord] = []
+        deadline = None
+        while len(batch) < WINDOW_RECORDS:
+            try:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                item = self._incoming.get(timeout=timeout)
+            except queue.Empty:
+                break
+            if item is None:  # close() woke us
+                break
+            batch.append(item)
+            deadline = deadline or time.monotonic() + self._fsync_interval_s
+        return batch
+
+    def _serialise(self, record: InteractionRecord) -> bytes | None:
+        """The record's segment line, or None once it is dead-lettered."""
+        try:
             value = record.model_dump_json().encode()
-            self._segment.write(value + b"\n")
-            entries.append(_Pending(self._segment_seq, self._segment.tell(),
-                                    record.conversation_id.encode(), value, record.id.encode()))
-        self._segment.flush()
-        os.fsync(self._segment.fileno())
-        metrics.INTERACTIONS_LOGGED.inc(len(batch))
-        with self._pending_ready:
-            self._pending.extend(entries)
-            self._pending_ready.notify()
-        if self._segment.tell() >= self._segment_bytes:
-            self._segment.close()
-            self._segment_seq += 1
-            self._segment = _segment_path(self.directory, self._segment_seq).open("ab")
-            fsync_path(self.directory)
+        except Exception as exc:  # any one record must not stop the writer
+            self._dead_letter("unserialisable", repr(exc), record)
+            return None
+        key, headers = _key_and_headers(record.conversation_id, record.id, record.schema_version)
+        # The producer's own estimate, so that nothing written here is refused for size there.
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers))
+        if size > self._max_message_bytes:
+            self._dead_letter("oversized", f"{size} bytes as a Kafka message, over "
+                              f"kafka.max_message_bytes={self._max_message_bytes}", record)
+            return None
+        return value + b"\n"
+
+    def _write(self, lines: list[bytes]) -> bool:
+        """Append and fsync, or leave the segment as it was: a failed write (disk full) is cut
+        back, so no torn line stays, and tried again with back-off until it succeeds or close()
+        gives up (then False). Meanwhile the queue fills and append() drops, counted."""
+        data = b"".join(lines)
+        backoff_s = 0.1
+        while True:
+            try:
+                self._append_durably(data)
+                break
+            except OSError as exc:
+                self._cut_back()
+                if self._write_error is None:
+                    log.error("outbox: cannot write %d records (%s); retrying", len(lines), exc)
+                self._write_error = str(exc)
+                metrics.OUTBOX_WRITE_ERRORS.inc()
+                if self._abandon_writes.wait(backoff_s):
+                    unwritten = len(lines)
+                    while not self._incoming.empty():
+                        unwritten += self._incoming.get_nowait() is not None  # None: wake-up
+                    metrics.OUTBOX_DROPPED.labels("shutdown").inc(unwritten)
+                    log.error("outbox: closing with %d records the disk refused", unwritten)
+                    return False
+                backoff_s = min(backoff_s * 2, 5.0)
+        if self._write_error is not None:
+            log.warning("outbox: writes succeed again")
+            self._write_error = None
+        metrics.INTERACTIONS_LOGGED.inc(len(lines))
+        with self._durable:
+            self._durable_end = (self._segment_seq, self._segment_size)
+            self._unsettled += len(lines)
+            self._durable.notify()
+        return True
+
+    def _append_durably(self, data: bytes) -> None:
+        if self._segment_size >= self._segment_bytes:
+            self._roll_segment()
+        view = memoryview(data)
+        while view:  # os.write may write part (e.g. up to a size limit) before it fails
+            view = view[os.write(self._segment_fd, view):]
+        os.fsync(self._segment_fd)
+        self._segment_size += len(data)
+
+    def _cut_back(self) -> None:
+        try:
+            os.ftruncate(self._segment_fd, self._segment_size)
+        except OSError as exc:  # the forwarder will dead-letter the torn line as garbled
+            log.error("outbox: cannot cut a failed write back from segment %d: %s",
+                      self._segment_seq, exc)
+
+    def _roll_segment(self) -> None:
+        fd = self._open_segment(self._segment_seq + 1)
+        try:
+            fsync_path(self.directory)  # the new file's entry survives a crash
+        except OSError:
+            os.close(fd)
+            raise
+        os.close(self._segment_fd)
+        self._segment_fd, self._segment_seq, self._segment_size = fd, self._segment_seq + 1, 0
 
     # -- forwarder ------------------------------------------------------------------------------
     def _forward_loop(self) -> None:
         producer: KafkaProducer | None = None
         backoff_s = 0.1
+        window: list[_Entry] = []  # kept across retries: read (and dead-lettered) once
         while not self._stopping.is_set():
-            with self._pending_ready:
-                if not self._pending:
-                    self._pending_ready.wait(timeout=0.5)
-                    continue
-                window = list(itertools.islice(self._pending, 1000))
-            error: Exception | None = None
+            window = window or self._read_window()
+            if not window:
+                continue
             try:
                 producer = producer or self._producer_factory()
-                acked, error = self._send(producer, window)
-                self._advance(acked)
+                if self._stopping.is_set():
+                    break  # close() stopped waiting while we connected: send nothing more
+                settled, error = self._send(producer, window)
             except Exception as exc:  # no broker to connect to, metadata timeout
-                error = exc
+                settled, error = 0, exc
+            self._advance(window[:settled])
+            window = window[settled:]
             if error is None:
                 backoff_s = 0.1
                 continue
-            # Broker away or a record refused: nothing is lost, the rest waits and is re-sent.
+            # Broker away: nothing is lost, the rest waits and is sent again by a new producer.
             metrics.OUTBOX_PUBLISH_ERRORS.inc()
             log.warning("outbox: publish failed (%s); %d records wait", error, self.depth)
             if producer is not None:
@@ -224,36 +435,108 @@ class Outbox:
             self._stopping.wait(backoff_s)
             backoff_s = min(backoff_s * 2, 5.0)
         if producer is not None:
-            producer.close(timeout=5)
+            producer.close(timeout=1)
 
-    def _send(self, producer: KafkaProducer, window: list[_Pending]) -> tuple[int, Exception | None]:
-        """Send in order; return how many leading records Kafka acknowledged, and the first
-        delivery error (the records from there on are sent again)."""
-        headers = [(SCHEMA_VERSION_HEADER, str(INTERACTION_SCHEMA_VERSION).encode())]
-        futures = [
-            producer.send(self.topic, key=p.key, value=p.value,
-                          headers=headers + [("record-id", p.record_id)])
-            for p in window
-        ]
-        producer.flush(timeout=30)
-        for acked, future in enumerate(futures):
+    def _read_window(self) -> list[_Entry]:
+        """The next records past those taken, read from the segment files up to the durable
+        end: at most WINDOW_RECORDS records or about WINDOW_BYTES. Waits briefly for the writer
+        when there is nothing new."""
+        with self._durable:
+            if self._read_pos == self._durable_end:
+                self._durable.wait(timeout=0.5)
+                return []
+            durable_end = self._durable_end
+        window: list[_Entry] = []
+        size = 0
+        for seq, end_offset, line in self._lines(self._read_pos, durable_end):
+            window.append(self._entry(seq, end_offset, line))
+            size += len(line)
+            if len(window) == WINDOW_RECORDS or size >= WINDOW_BYTES:
+                self._read_pos = (seq, end_offset)
+                return window
+        self._read_pos = durable_end
+        return window
+
+    def _lines(self, start: tuple[int, int], end: tuple[int, int]) -> Iterator[tuple]:
+        """(segment, offset past the line, line) from `start` up to `end`. Segments before the
+        last are complete; missing ones (behind an old cursor) are skipped."""
+        seq, offset = start
+        end_seq, end_offset = end
+        while True:
+            path = _segment_path(self.directory, seq)
+            if path.exists():
+                with path.open("rb") as f:
+                    f.seek(offset)
+                    for line in f:
+                        if seq == end_seq and offset >= end_offset:
+                            return
+                        offset += len(line)
+                        yield seq, offset, line
+            if seq >= end_seq:
+                return
+            seq, offset = seq + 1, 0
+
+    def _entry(self, seq: int, end_offset: int, line: bytes) -> _Entry:
+        # Key, id and version come from the JSON, so forwarding needs nothing but the segments.
+        try:
+            fields = json.loads(line)
+            key, headers = _key_and_headers(fields["conversation_id"], fields["id"],
+                                            fields["schema_version"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            segment = _segment_path(self.directory, seq).name
+            self._dead_letter("garbled", f"{segment}:{end_offset - len(line)}: {exc!r}",
+                              line.decode("utf-8", "backslashreplace"))
+            return _Entry(seq, end_offset)
+        return _Entry(seq, end_offset, line.rstrip(b"\n"), key, headers)
+
+    def _send(self, producer: KafkaProducer, window: list[_Entry]) -> tuple[int, Exception | None]:
+        """Send in order; return how many leading entries are settled (acknowledged, or set
+        aside as refused) and the error that stopped the rest (they are sent again)."""
+        outcomes: list[Any] = []  # per entry: a future, an exception from send(), or None
+        for entry in window:
+            if entry.value is None:
+                outcomes.append(None)
+                continue
             try:
-                future.get(timeout=0)
+                outcomes.append(producer.send(self.topic, key=entry.key, value=entry.value,
+                                              headers=list(entry.headers)))
+            except KafkaError as exc:  # refused before sending (size) or no metadata
+                outcomes.append(exc)
+                if not isinstance(exc, RECORD_ERRORS):
+                    break
+        try:
+            producer.flush(timeout=FLUSH_TIMEOUT_S)
+        except KafkaTimeoutError:
+            pass  # the futures still pending fail below
+        for settled, (entry, outcome) in enumerate(zip(window, outcomes)):
+            try:
+                if isinstance(outcome, Exception):
+                    raise outcome
+                if outcome is not None:
+                    outcome.get(timeout=0)
+                    metrics.INTERACTIONS_PUBLISHED.inc()
+            except RECORD_ERRORS as exc:
+                self._dead_letter("rejected", repr(exc), json.loads(entry.value))
             except Exception as exc:
-                return acked, exc
-        return len(futures), None
+                return settled, exc
+        return len(outcomes), None
 
-    def _advance(self, count: int) -> None:
-        if not count:
+    def _advance(self, settled: list[_Entry]) -> None:
+        """Move the cursor over settled entries; delete segments wholly behind it."""
+        if not settled:
             return
-        with self._pending_ready:
-            done = [self._pending.popleft() for _ in range(count)]
-        metrics.INTERACTIONS_PUBLISHED.inc(count)
-        last = done[-1]
+        with self._durable:
+            self._unsettled -= len(settled)
+        last = settled[-1]
+        cursor = json.dumps({"segment": last.segment, "offset": last.end_offset}).encode()
+        try:
+            atomic_write(self.directory / CURSOR_FILE, cursor)
+        except OSError as exc:  # a full disk: the old cursor stays, later records resend
+            log.warning("outbox: cannot save the cursor (%s); a restart resends from %s", exc,
+                        self._cursor)
+            return
         self._cursor = (last.segment, last.end_offset)
-        tmp = self.directory / (CURSOR_FILE + ".tmp")
-        tmp.write_text(json.dumps({"segment": last.segment, "offset": last.end_offset}))
-        os.replace(tmp, self.directory / CURSOR_FILE)
         for seq in self._segments():
-            if seq < last.segment:
-                _segment_path(self.directory, seq).unlink()
+            if seq >= last.segment:
+                break
+            _segment_path(self.directory, seq).unlink()

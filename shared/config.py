@@ -39,6 +39,14 @@ class KafkaConfig(BaseModel):
     bootstrap: str = ""
     topic_prefix: str = "dynalign"
     partitions: int = 3
+    # Topic durability: deploy/ asks for 3 and 2 (a write survives one broker's loss; acks=all
+    # then fails rather than keep a single copy). 1 and 1 suit one broker.
+    replication_factor: int = Field(1, ge=1)
+    min_insync_replicas: int = Field(1, ge=1)
+    # Largest interaction record as a Kafka message (Kafka's default max.message.bytes): the
+    # producer's max_request_size and the topics' max.message.bytes; the outbox sets larger
+    # records aside instead of sending them.
+    max_message_bytes: int = Field(1 << 20, ge=1024)
 
     @property
     def interactions_topic(self) -> str:
@@ -76,6 +84,9 @@ class ServingConfig(BaseModel):
     outbox_dir: Path = Path("runs/outbox")
     outbox_fsync_interval_ms: int = 50
     outbox_segment_bytes: int = 16 << 20
+    # Records waiting for the outbox's writer; beyond this (the disk refuses writes) new records
+    # are dropped and counted rather than held in memory without bound.
+    outbox_max_queued_records: int = Field(10_000, ge=1)
     # Secret salt for the HMAC pseudonyms in interaction records (principal_hash, user_hash).
     # Required by `dynalign serve`; `dynalign up` generates one and keeps it in its data dir.
     user_hash_salt: SecretStr | None = None

@@ -25,24 +25,38 @@ FAST_GROUP_TIMEOUTS = dict(
 )
 
 
+def topic_specs(cfg: KafkaConfig) -> dict[str, dict[str, Any]]:
+    """The project's topics as ensure_topics creates them."""
+    durability = {"min.insync.replicas": str(cfg.min_insync_replicas)}
+    # The dead-letter topic takes the same records as the interactions topic.
+    records = {**durability, "max.message.bytes": str(cfg.max_message_bytes)}
+    wanted = {
+        cfg.interactions_topic: {"num_partitions": cfg.partitions, "configs": records},
+        cfg.dlq_topic: {"num_partitions": 1, "configs": records},
+        # The control feed: keyed by adapter/alias, compaction keeps the latest state per key.
+        cfg.adapters_topic: {"num_partitions": 1,
+                             "configs": {**durability, "cleanup.policy": "compact"}},
+    }
+    return {name: {**spec, "replication_factor": cfg.replication_factor}
+            for name, spec in wanted.items()}
+
+
 def ensure_topics(cfg: KafkaConfig, timeout_s: float = 30.0) -> None:
     """Create the project's topics if absent (idempotent; safe from every process at start-up)."""
-    wanted = {
-        cfg.interactions_topic: {"num_partitions": cfg.partitions},
-        cfg.dlq_topic: {"num_partitions": 1},
-        # The control feed: keyed by adapter/alias, compaction keeps the latest state per key.
-        cfg.adapters_topic: {"num_partitions": 1, "configs": {"cleanup.policy": "compact"}},
-    }
     admin = _retry_connect(lambda: KafkaAdminClient(bootstrap_servers=cfg.bootstrap), timeout_s)
     try:
         existing = set(admin.list_topics())
-        missing = {name: {**opts, "replication_factor": 1} for name, opts in wanted.items()
-                   if name not in existing}
+        missing = {name: spec for name, spec in topic_specs(cfg).items() if name not in existing}
         if missing:
-            try:
-                admin.create_topics(missing, raise_errors=False, wait_for_metadata=True)
-            except TopicAlreadyExistsError:  # another process won the race
-                pass
+            result = admin.create_topics(missing, raise_errors=False)
+            # "Already exists": another process won the race. Anything else (a replication
+            # factor the cluster cannot meet, a refused config) must not pass silently.
+            refused = {topic["name"]: topic["error_message"] or topic["error_code"]
+                       for topic in result["topics"]
+                       if topic["error_code"] not in (0, TopicAlreadyExistsError.errno)}
+            if refused:
+                raise KafkaError(f"cannot create topics: {refused}")
+            admin.wait_for_topics(list(missing))
     finally:
         admin.close()
 
@@ -59,9 +73,13 @@ def _retry_connect(factory, timeout_s: float):
 
 
 def producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
-    """acks=all with idempotence (kafka-python's default): a batch the client retries is never
-    written twice by the broker. Keys and values are bytes; callers serialise."""
-    options: dict[str, Any] = dict(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    """acks=all with idempotence: a batch the client retries is never written twice by the
+    broker. Asked for explicitly, so that an override that conflicts with it (acks=1, ...) raises
+    instead of switching it off with a warning. Keys and values are bytes; callers serialise.
+    Records up to kafka.max_message_bytes need `max_request_size` set to it (the client's default
+    equals the config's)."""
+    options: dict[str, Any] = dict(bootstrap_servers=bootstrap, acks="all",
+                                   enable_idempotence=True, linger_ms=5)
     options.update(overrides)
     return KafkaProducer(**options)
 
@@ -143,4 +161,5 @@ def _port_open(port: int) -> bool:
 
 __all__ = [
     "EmbeddedBroker", "KafkaError", "ensure_topics", "free_port", "consumer", "producer",
+    "topic_specs",
 ]
