@@ -31,7 +31,6 @@ SATURATED_REWARD = 4.5  # rounds to 5
 # Added to every bin's share before PSI's log ratio, so an empty bin costs a large but finite
 # amount instead of infinity.
 PSI_EPSILON = 1e-4
-JUDGE_TOLERANCE = 1.0  # points on the 0-5 scale within which a self-score "agrees"
 
 
 def version_label(version: int | None) -> str:
@@ -108,15 +107,6 @@ def length_edges(reference_lengths: Sequence[int]) -> np.ndarray:
     if ref.max() == edges[-1]:
         edges = np.concatenate([edges, [edges[-1] + 0.5]])
     return edges
-
-
-def judge_agreement(self_scores: Sequence[float], judge_scores: Sequence[float],
-                    tolerance: float = JUDGE_TOLERANCE) -> float:
-    """Share of audited candidates whose self-score is within `tolerance` of the judge's."""
-    a, b = np.asarray(self_scores, dtype=float), np.asarray(judge_scores, dtype=float)
-    if len(a) != len(b) or not len(a):
-        raise ValueError(f"judge_agreement: {len(a)} self-scores vs {len(b)} judge scores")
-    return float(np.mean(np.abs(a - b) <= tolerance))
 
 
 # -- per-version gauges ---------------------------------------------------------------------------
@@ -249,7 +239,7 @@ class DriftMonitor:
 MONITOR = DriftMonitor()
 
 _EVALUATIONS = VersionedGauges([metrics.PROBE_KL, metrics.GATE_WIN_RATIO,
-                                metrics.IFEVAL_CANARY_ACCURACY, metrics.JUDGE_AGREEMENT], keep=5)
+                                metrics.IFEVAL_CANARY_ACCURACY], keep=5)
 
 
 def record_gate_result(version: int | None, win_rate: float | None, probe_kl: float | None,
@@ -259,12 +249,3 @@ def record_gate_result(version: int | None, win_rate: float | None, probe_kl: fl
     IFEval canary's prompt-level strict accuracy when the canary ran."""
     _EVALUATIONS.set(version, {metrics.GATE_WIN_RATIO: win_rate, metrics.PROBE_KL: probe_kl,
                                metrics.IFEVAL_CANARY_ACCURACY: ifeval_accuracy})
-
-
-def record_judge_agreement(version: int | None, self_scores: Sequence[float],
-                           judge_scores: Sequence[float]) -> float:
-    """An audited sample of one version's candidates, scored by the policy and by the external
-    judge (`gate.judge_endpoint`) on the same 0-5 scale; returns and exports the agreement."""
-    agreement = judge_agreement(self_scores, judge_scores)
-    _EVALUATIONS.set(version, {metrics.JUDGE_AGREEMENT: agreement})
-    return agreement

@@ -80,7 +80,3 @@ GATE_WIN_RATIO = Gauge(
 IFEVAL_CANARY_ACCURACY = Gauge(
     "dynalign_learner_ifeval_canary_accuracy_ratio",
     "IFEval canary prompt-level strict accuracy of the version.", _VERSION)
-JUDGE_AGREEMENT = Gauge(
-    "dynalign_learner_judge_agreement_ratio",
-    "Audited sample: share of candidates whose self-score is within 1 point of the external "
-    "judge's score.", _VERSION)

@@ -78,13 +78,6 @@ def test_length_bins_see_growth_and_shrinkage_of_a_single_repeated_length():
     assert drift.psi(reference, [12] * 64, edges) > 1
 
 
-def test_judge_agreement_within_one_point():
-    assert drift.judge_agreement([5, 4, 1, 3], [4, 2, 1, 3.5]) == 0.75
-    with pytest.raises(ValueError):
-        drift.judge_agreement([1], [])
-
-
-# -- the monitor ----------------------------------------------------------------------------------
 def rollouts(rng, n, reward_mean=2.5, length_median=100.0):
     rewards = np.clip(rng.normal(reward_mean, 0.9, n), 0, 5)
     lengths = np.round(rng.lognormal(math.log(length_median), 0.4, n)).astype(int)
@@ -180,5 +173,3 @@ def test_record_functions_export_per_version_and_skip_what_was_not_measured():
     assert gauge("dynalign_learner_gate_win_ratio", "4002") is None
     assert gauge("dynalign_learner_probe_kl_nats", "4002") > \
         alert_threshold("DynalignProbeKLAboveBound")
-    assert drift.record_judge_agreement(None, [5, 5, 1], [5, 2, 1]) == pytest.approx(2 / 3)
-    assert gauge("dynalign_learner_judge_agreement_ratio", "base") == pytest.approx(2 / 3)

@@ -276,11 +276,10 @@ import sys
 from learner import drift
 # Windows a few CPU steps fill (the defaults want 256 rollouts).
 drift.MONITOR = drift.DriftMonitor(reference_size=32, window_size=32, min_observations=16)
-# Measured by parts not wired into the learner yet (IFEval canary, judge audit) or switched off
-# here to keep the test short (the gate): their exported series, with made-up values.
+# Measured by the gate, switched off here to keep the test short: its exported series, with
+# made-up values.
 drift.record_gate_result(1, win_rate=0.6, probe_kl=0.05, ifeval_accuracy=0.7)
 drift.record_gate_result(2, win_rate=0.4, probe_kl=0.08, ifeval_accuracy=0.6)
-drift.record_judge_agreement(1, [4, 3, 5, 2], [4, 2, 3, 2])
 from dynalign.cli import main
 sys.argv = ["dynalign", "learn", *sys.argv[1:]]
 main()
