@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from learner import metrics
 from shared.chat import NotText, content_text
 from shared.config import DynalignConfig
+from shared.files import read_jsonl
 from shared.kafka import consumer, producer
 from shared.schemas import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION_HEADER, InteractionRecord
 
@@ -340,17 +341,14 @@ class FilePromptSource:
     def __init__(self, path: Path, prompt_filter: PromptFilter,
                  start_offsets: dict[str, int] | None = None) -> None:
         self.prompts = []
-        for i, line in enumerate(Path(path).read_text().splitlines()):
-            if not line.strip():
-                continue
-            row = json.loads(line)
+        for number, row in read_jsonl(path):
             messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
             try:
-                prompt = TrainingPrompt(row.get("id", f"{path}:{i}"), "file",
+                prompt = TrainingPrompt(row.get("id", f"{path}:{number - 1}"), "file",
                                         training_messages(messages))
                 prompt_filter.fits(prompt.messages)
             except Unusable as skip:
-                log.warning("%s line %d skipped: %s", path, i + 1, skip.reason)
+                log.warning("%s line %d skipped: %s", path, number, skip.reason)
                 metrics.RECORDS_SKIPPED.labels(skip.reason).inc()
                 continue
             self.prompts.append(prompt)

@@ -12,7 +12,6 @@ Pass → promote (unless pinned or `auto_promote` is off); fail → rejected, wi
 from __future__ import annotations
 
 import asyncio
-import json
 from importlib import resources
 from pathlib import Path
 
@@ -23,8 +22,9 @@ from learner.grpo import collate, training_inputs
 from learner.policy import adapters_disabled, sequence_logprobs
 from learner.rollout import RolloutEngine
 from shared.config import GateConfig
+from shared.files import read_jsonl
 from shared.judge import (JUDGE_PROMPT, JudgeSettings, Verdict, judge_items, parse_target,
-                          summarize_pairwise)
+                          summarize_pairwise, verdict_from_probs)
 
 
 class GateResult(BaseModel):
@@ -43,7 +43,7 @@ class GateResult(BaseModel):
 
 def probe_prompts(cfg: GateConfig) -> list[list[dict[str, str]]]:
     path = cfg.probe_prompts or resources.files("shared") / "data" / "probe_prompts.jsonl"
-    rows = [json.loads(line) for line in Path(str(path)).read_text().splitlines() if line.strip()]
+    rows = [row for _, row in read_jsonl(Path(str(path)))]
     return [row.get("messages") or [{"role": "user", "content": row["prompt"]}]
             for row in rows[: cfg.probe_limit]]
 
@@ -123,8 +123,7 @@ class Gate:
                         prompt=p, response_a=a, response_b=b)}]
                     for p, x, y in zip(prompts, mine, theirs) for a, b in ((x, y), (y, x))]
         probs = self.engine.token_distribution(requests, self.letter_ids, policy_lora)
-        letters = [Verdict.TIE if abs(pa - pb) < 1e-6 else Verdict.A if pa > pb else Verdict.B
-                   for pa, pb in probs]
+        letters = [verdict_from_probs(pa, pb) for pa, pb in probs]
         return list(zip(letters[0::2], letters[1::2]))
 
     @torch.no_grad()

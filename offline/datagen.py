@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from shared.files import read_jsonl
 from shared.judge import (
     Endpoint,
     Sampling,
@@ -242,18 +243,20 @@ def criteria_for(goal: str) -> str:
 Record = TypeVar("Record", bound=BaseModel)
 
 
-def read_jsonl(path: Path, model: type[Record]) -> list[Record]:
+def read_records(path: Path, model: type[Record]) -> list[Record]:
     """Records of a JSONL file; a line cut short by a crash is skipped."""
     if not path.exists():
         return []
+
+    def unreadable(number: int, exc: ValueError) -> None:
+        console.print(f"[yellow]skipping unreadable line {number} of {path}[/]")
+
     records = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
+    for number, row in read_jsonl(path, unreadable):
         try:
-            records.append(model.model_validate_json(line))
-        except ValueError:
-            console.print(f"[yellow]skipping an unreadable line in {path}[/]")
+            records.append(model.model_validate(row))
+        except ValueError as exc:
+            unreadable(number, exc)
     return records
 
 
@@ -408,10 +411,10 @@ async def run_datagen(
     """Generate until `settings.num_goals` goals are done, resuming what `out_dir` holds."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = DatagenPaths(out_dir=out_dir)
-    goals = read_jsonl(paths.goals, GoalRecord)
-    kept = read_jsonl(paths.prompts, PromptRecord)
+    goals = read_records(paths.goals, GoalRecord)
+    kept = read_records(paths.prompts, PromptRecord)
     done = {r.goal_index for r in kept} | {
-        r.goal_index for r in read_jsonl(paths.rejected, PromptRecord)
+        r.goal_index for r in read_records(paths.rejected, PromptRecord)
     }
     deduper = _Deduper(kept, settings.rouge_l_threshold)
     goal_log, kept_log, rejected_log = (
@@ -528,8 +531,8 @@ def write_report(
     """Counts, the pairwise ROUGE-L and prompt-length figures, and report.json, from the files
     (so a resumed run reports on everything done so far)."""
     paths = DatagenPaths(out_dir=out_dir)
-    kept = read_jsonl(paths.prompts, PromptRecord)
-    rejected = read_jsonl(paths.rejected, PromptRecord)
+    kept = read_records(paths.prompts, PromptRecord)
+    rejected = read_records(paths.rejected, PromptRecord)
     statuses = Counter(r.status for r in rejected)
     prompts = [r.prompt for r in kept]
     similarities = pairwise_rouge_l(prompts, settings.histogram_max_pairs, settings.seed)

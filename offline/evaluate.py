@@ -13,7 +13,6 @@ A target is `name` (a model on the default base URL, e.g. `dynalign@base`, `dyna
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -25,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared import ifeval as ifeval_lib
+from shared.files import read_jsonl
 from shared.judge import (
     Endpoint,
     JudgeCall,
@@ -83,11 +83,10 @@ class PairwiseReport(BaseModel):
 
 def read_prompts(path: Path, limit: int | None = None) -> list[str]:
     """JSONL with a `prompt` field (datagen's prompts.jsonl) or plain text, one prompt a line."""
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
     if path.suffix == ".jsonl":
-        prompts = [json.loads(line)["prompt"] for line in lines]
+        prompts = [row["prompt"] for _, row in read_jsonl(path)]
     else:
-        prompts = lines
+        prompts = [line for line in path.read_text().splitlines() if line.strip()]
     return prompts[:limit] if limit is not None else prompts
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 
 def file_sha256(path: Path) -> str:
@@ -41,3 +43,20 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def read_jsonl(path: Path, on_unreadable: Callable[[int, ValueError], None] | None = None
+               ) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of a JSONL file. A line that is not JSON
+    raises ValueError naming the file and line, or, given `on_unreadable`, is passed to it and
+    skipped (a line cut short by a crash, in files dynalign appends to)."""
+    with Path(path).open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except ValueError as exc:
+                if on_unreadable is None:
+                    raise ValueError(f"{path} line {number} is not JSON: {exc}") from exc
+                on_unreadable(number, exc)

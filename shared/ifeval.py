@@ -14,7 +14,6 @@ The checkers count sentences with NLTK's punkt model, which cannot be downloaded
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,7 @@ from types import ModuleType
 from pydantic import BaseModel
 
 from shared.assets import cache_dir
+from shared.files import read_jsonl
 from shared.judge import Endpoint, Sampling, collect_responses
 
 _REFERENCE_MODULE = "_dynalign_ifeval_reference"
@@ -120,11 +120,7 @@ def load_examples(
     instruction whose id starts with one of `instruction_types` (e.g. "punctuation:no_comma" or
     the group "keywords"), then the first `limit` of them."""
     path = _reference_dir() / "data" / "input_data.jsonl"
-    examples = [
-        IFEvalExample.model_validate_json(line)
-        for line in path.read_text().splitlines()
-        if line.strip()
-    ]
+    examples = [IFEvalExample.model_validate(row) for _, row in read_jsonl(path)]
     if instruction_types:
         examples = [
             e
@@ -202,5 +198,4 @@ async def run_ifeval(
 
 def read_responses(path: Path) -> dict[str, str]:
     """The reference codebase's response file: JSONL of {"prompt": ..., "response": ...}."""
-    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return {row["prompt"]: row["response"] for row in rows}
+    return {row["prompt"]: row["response"] for _, row in read_jsonl(path)}

@@ -206,10 +206,16 @@ def verdict_from_top_logprobs(top_logprobs: Sequence[Any]) -> tuple[Verdict, flo
         letter = _strip_token(token)
         if letter in mass:
             mass[letter] += math.exp(logprob)
-    p_a, p_b = mass["A"], mass["B"]
+    return verdict_from_probs(mass["A"], mass["B"]), mass["A"], mass["B"]
+
+
+def verdict_from_probs(p_a: float, p_b: float) -> Verdict:
+    """The one definition of a judge's verdict from its probabilities of answering "A" and "B"
+    (the gate's policy judge and any endpoint's top logprobs): the likelier letter; a tie only
+    when they are equal and not both zero (no mass on either letter is no answer at all)."""
     if p_a == p_b:
-        return (Verdict.TIE if p_a > 0 else Verdict.UNPARSABLE), p_a, p_b
-    return (Verdict.A if p_a > p_b else Verdict.B), p_a, p_b
+        return Verdict.TIE if p_a > 0 else Verdict.UNPARSABLE
+    return Verdict.A if p_a > p_b else Verdict.B
 
 
 class JudgeSettings(BaseModel):

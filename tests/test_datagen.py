@@ -20,7 +20,7 @@ from offline.datagen import (
     clean_task_prompt,
     lcs_length,
     parse_critique,
-    read_jsonl,
+    read_records,
     rouge_l_f,
     run_datagen,
 )
@@ -102,8 +102,8 @@ def _settings(server: ScriptedOpenAI, **overrides) -> DatagenSettings:
 
 
 def _records(out: Path) -> tuple[list[PromptRecord], list[PromptRecord]]:
-    kept = read_jsonl(out / "prompts.jsonl", PromptRecord)
-    return kept, read_jsonl(out / "rejected.jsonl", PromptRecord)
+    kept = read_records(out / "prompts.jsonl", PromptRecord)
+    return kept, read_records(out / "rejected.jsonl", PromptRecord)
 
 
 def _all_records(out: Path) -> list[PromptRecord]:
@@ -175,7 +175,7 @@ def test_resume_after_interruption_does_no_goal_twice(tmp_path: Path) -> None:
     with ScriptedOpenAI(datagen_script, delay_s=0.01) as server:
         asyncio.run(interrupted_run(server))
         done_first = {r.goal_index for r in _all_records(tmp_path)}
-        goals_first = len(read_jsonl(tmp_path / "goals.jsonl", GoalRecord))
+        goals_first = len(read_records(tmp_path / "goals.jsonl", GoalRecord))
         assert 4 <= len(done_first) < num_goals
         first_run_requests = len(server.requests)
 
@@ -188,7 +188,7 @@ def test_resume_after_interruption_does_no_goal_twice(tmp_path: Path) -> None:
     indices = [r.goal_index for r in records]
     assert sorted(indices) == list(range(num_goals))  # every goal once, none twice
     assert report.goals == num_goals
-    goals = read_jsonl(tmp_path / "goals.jsonl", GoalRecord)
+    goals = read_records(tmp_path / "goals.jsonl", GoalRecord)
     assert [g.index for g in goals] == list(range(num_goals))
 
     # Nothing finished before the interruption was asked for again.

@@ -208,3 +208,12 @@ def test_eval_pairwise_end_to_end(tmp_path: Path, use_logprobs: bool) -> None:
     )
     assert (items[0]["a_first"]["p_a"] is not None) == use_logprobs
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["summary"]["wins"] == 8
+
+
+def test_one_definition_of_a_verdict_from_letter_probabilities():
+    from shared.judge import verdict_from_probs
+
+    assert verdict_from_probs(0.6, 0.3) is Verdict.A
+    assert verdict_from_probs(0.1, 0.2) is Verdict.B
+    assert verdict_from_probs(0.4, 0.4) is Verdict.TIE
+    assert verdict_from_probs(0.0, 0.0) is Verdict.UNPARSABLE  # no mass on either letter
