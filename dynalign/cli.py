@@ -315,13 +315,13 @@ def learn(
 ) -> None:
     """Consume interactions, self-score G rollouts per prompt, GRPO-update the LoRA adapter,
     and publish a candidate adapter version every K steps."""
+    cfg = config_or_exit(config, model={"path": model}, kafka={"bootstrap": kafka},
+                         learner={"reward_mode": reward_mode})  # before the slow imports
     from prometheus_client import start_http_server
 
     from learner.consumer import FilePromptSource, KafkaPromptSource
     from learner.loop import Learner
 
-    cfg = config_or_exit(config, model={"path": model}, kafka={"bootstrap": kafka},
-                      learner={"reward_mode": reward_mode})
     cfg.model.engine_args = {**cfg.model.engine_args, **_engine_args(engine_arg)}
     cfg = learner_settings(cfg, single_user)
     if prompts is None and not cfg.kafka.bootstrap:

@@ -90,24 +90,24 @@ def training_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 class PromptFilter:
     """Which prompts the learner trains on: each must fit (`fits` raises Unusable otherwise; the
-    learner renders it there as it will for rollout, judging and the loss), none may repeat within
-    a sliding window (record ids and prompt hashes), and one principal may fill at most
+    learner renders it there as it will for rollout, judging and the loss), none may repeat among
+    the last `remembered_keys` record ids and prompt hashes, and one principal may fill at most
     `max_user_share` of a batch."""
 
-    def __init__(self, fits: Callable[[list[dict]], None], window: int,
+    def __init__(self, fits: Callable[[list[dict]], None], remembered_keys: int,
                  max_user_share: float | None) -> None:
         self.fits = fits
-        self.window = window
+        self.remembered_keys = remembered_keys
         self.max_user_share = max_user_share
         self._seen: OrderedDict[str, None] = OrderedDict()
 
     def _remember(self, key: str) -> bool:
-        """True if `key` was seen within the window."""
+        """True if `key` is among the remembered ones."""
         if key in self._seen:
             self._seen.move_to_end(key)
             return True
         self._seen[key] = None
-        if len(self._seen) > self.window:
+        if len(self._seen) > self.remembered_keys:
             self._seen.popitem(last=False)
         return False
 

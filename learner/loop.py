@@ -140,7 +140,7 @@ class Learner:
         self.checkpoint_offsets = dict(self.offsets)
         prompt_filter = PromptFilter(
             lambda messages: check_fits(self.tokenizer, messages, lc, self.engine.max_model_len),
-            lc.dedupe_window, lc.max_user_share)
+            lc.dedupe_keys, lc.max_user_share)
         self.source = self.source_factory(prompt_filter, self.offsets, self.deferred)
         if resumed:
             # A crash may have come between checkpoint and publish, publish and commit, or

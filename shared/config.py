@@ -14,11 +14,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
-class ModelConfig(BaseModel):
+class Section(BaseModel):
+    """A config section: an unknown key is an error (a misspelt setting must not silently keep
+    its default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Section):
     # A hub id or local path; empty means the embedded default (SmolLM2-135M-Instruct from PyPI).
     path: str = ""
     served_name: str = "dynalign"
@@ -34,7 +41,7 @@ class ModelConfig(BaseModel):
     engine_args: dict[str, Any] = Field(default_factory=dict)
 
 
-class KafkaConfig(BaseModel):
+class KafkaConfig(Section):
     # Empty bootstrap = start the embedded Tansu broker (`dynalign up` only).
     bootstrap: str = ""
     topic_prefix: str = "dynalign"
@@ -61,7 +68,7 @@ class KafkaConfig(BaseModel):
         return f"{self.topic_prefix}.adapters"
 
 
-class ServingConfig(BaseModel):
+class ServingConfig(Section):
     host: str = "127.0.0.1"
     port: int = 8000
     # Chat API keys, sent as `Authorization: Bearer <key>`. Empty list = no auth, which the
@@ -104,7 +111,7 @@ class ServingConfig(BaseModel):
         return value
 
 
-class LearnerConfig(BaseModel):
+class LearnerConfig(Section):
     """GRPO settings; defaults are the paper's (Section 3.1)."""
 
     group_size: int = 8  # G
@@ -130,7 +137,8 @@ class LearnerConfig(BaseModel):
     # Prompts waiting for a batch (the share cap); past this the principal with the most loses
     # its oldest (dynalign_learner_records_skipped_total{reason="deferred_overflow"}).
     max_deferred_prompts: int = Field(1024, ge=1)
-    dedupe_window: int = 10_000
+    # Record ids and prompt hashes remembered to drop repeats (two keys per prompt read).
+    dedupe_keys: int = 10_000
     consumer_group: str = "dynalign-learner"
     metrics_port: int = 9401
     train_dtype: Literal["float32", "bfloat16"] = "bfloat16"
@@ -146,7 +154,7 @@ class LearnerConfig(BaseModel):
         )
 
 
-class GateConfig(BaseModel):
+class GateConfig(Section):
     """Candidate vs live before anything goes live (see learner/gate.py)."""
 
     enabled: bool = True
@@ -173,7 +181,7 @@ class GateConfig(BaseModel):
         )
 
 
-class RegistryConfig(BaseModel):
+class RegistryConfig(Section):
     store: Path = Path("runs/adapters")
     keep_loaded: int = 3
 

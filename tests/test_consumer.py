@@ -53,7 +53,7 @@ def produce(cfg: DynalignConfig, *prompts: tuple[str, str]) -> None:
 
 
 def source(cfg: DynalignConfig, **resume) -> KafkaPromptSource:
-    prompt_filter = PromptFilter(lambda messages: None, window=1000,
+    prompt_filter = PromptFilter(lambda messages: None, remembered_keys=1000,
                                  max_user_share=cfg.learner.max_user_share)
     return KafkaPromptSource(cfg, prompt_filter, poll_timeout_s=0.2, **resume)
 

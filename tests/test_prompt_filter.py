@@ -55,7 +55,7 @@ def test_text_parts_become_text_joined_by_newlines_as_vllm_joins_them():
 
 
 def test_duplicates_by_id_and_by_prompt_within_the_window():
-    f = PromptFilter(fits_anything, window=3, max_user_share=None)
+    f = PromptFilter(fits_anything, remembered_keys=3, max_user_share=None)
     f.check(prompt("a", "one"))
     with pytest.raises(Unusable, match="duplicate"):
         f.check(prompt("a", "other text, same record id"))

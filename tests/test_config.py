@@ -1,0 +1,45 @@
+"""A bad setting fails at start, naming the field, whichever source it came from (flag,
+environment, file); nothing starts first (no engine, no broker)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from shared.config import load_config
+
+
+def dynalign(*args: str, env: dict[str, str] | None = None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "dynalign", *args], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def test_a_misspelt_flag_value_exits_2_naming_the_field(tmp_path):
+    out = dynalign("learn", "--reward-mode", "expectd", "--prompts", str(tmp_path / "p.jsonl"),
+                   "--workdir", str(tmp_path / "learner"))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "learner.reward_mode" in out.stdout and "expectd" in out.stdout
+    assert not (tmp_path / "learner").exists()  # nothing was started
+
+
+def test_a_bad_environment_value_exits_2_naming_the_field(tmp_path):
+    out = dynalign("serve", "--kafka", "127.0.0.1:1", env={"DYNALIGN_LEARNER__LR": "fast"})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "learner.lr" in out.stdout
+
+
+def test_an_unknown_key_in_the_config_file_exits_2_naming_it(tmp_path):
+    config = tmp_path / "dynalign.yaml"
+    config.write_text("learner:\n  group_sise: 8\n")
+    out = dynalign("learn", "--config", str(config), "--prompts", str(tmp_path / "p.jsonl"))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "learner.group_sise" in out.stdout
+
+
+def test_flags_are_validated_not_merged_blindly():
+    with pytest.raises(ValueError, match="reward_mode"):
+        load_config(learner={"reward_mode": "expectd"})
+    assert load_config(learner={"reward_mode": "greedy"}).learner.reward_mode == "greedy"
