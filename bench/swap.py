@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from shared.config import KafkaConfig, ModelConfig  # noqa: E402
 from shared.kafka import EmbeddedBroker, ensure_topics, free_port  # noqa: E402
 from shared.registry import Registry  # noqa: E402
-from shared.synthetic import publish_random  # noqa: E402
+from tests.synthetic import publish_random  # noqa: E402
 
 TOKEN = "bench-operator"
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from shared.registry import CONFIG, WEIGHTS, Registry, base_fingerprint, verify_adapter
-from shared.synthetic import publish_random
+from tests.synthetic import publish_random
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from shared.config import KafkaConfig
 from shared.kafka import EmbeddedBroker, ensure_topics
 from shared.files import file_sha256
 from shared.registry import MANIFEST, WEIGHTS, Registry
-from shared.synthetic import publish_random
+from tests.synthetic import publish_random
 from tests.conftest import API_KEY, REPO, json_result, read_records, start_server
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from shared.lifecycle import Lifecycle
 from shared.registry import WEIGHTS, Registry, base_fingerprint
-from shared.synthetic import random_lora
+from tests.synthetic import random_lora
 from tests.conftest import REPO, json_result
 
 pytestmark = pytest.mark.slow

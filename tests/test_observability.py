@@ -352,7 +352,7 @@ def refused_swap(server, tiny_model: Path) -> None:
     it (a swap failure); then roll the registry back so the server serves as before."""
     from shared.lifecycle import Lifecycle
     from shared.registry import Registry
-    from shared.synthetic import publish_random
+    from tests.synthetic import publish_random
 
     store = server.outbox_dir.parent / RegistryConfig().store  # the server's cwd + the default
     registry = Registry(store)

@@ -20,7 +20,7 @@ from shared.config import KafkaConfig
 from shared.kafka import EmbeddedBroker, ensure_topics
 from shared.lifecycle import Lifecycle
 from shared.registry import WEIGHTS, Registry
-from shared.synthetic import publish_random
+from tests.synthetic import publish_random
 from tests.conftest import API_KEY, read_records, start_server
 
 pytestmark = pytest.mark.slow
