@@ -157,12 +157,13 @@ class DatagenReport(BaseModel):
 
 
 # --- ROUGE-L -------------------------------------------------------------------------------
-# Written here rather than taken from `rouge-score`: that package is not installed and pulls
-# nltk and absl for what is one LCS. Tokens are lowercased whitespace-split words (no stemming).
+# Written here rather than taken from `rouge-score`: equal to its rougeL F-measure (no stemmer) on
+# its tokens, and 25x faster on the all-pairs filter (tests/test_stats_reference.py).
 
 
 def rouge_tokens(text: str) -> list[str]:
-    return text.lower().split()
+    """rouge-score's default tokenizer: lowercase, anything but [a-z0-9] separates words."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
 
 
 def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
