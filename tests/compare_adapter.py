@@ -4,7 +4,6 @@
 """
 
 import json
-import os
 import sys
 
 
@@ -12,10 +11,11 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from shared.config import ModelConfig
+    from shared.engine import engine_kwargs
+
     model, adapter = sys.argv[1], sys.argv[2]
-    llm = LLM(model=model, dtype="float32", enforce_eager=True, enable_lora=True,
-              max_lora_rank=16, max_model_len=512)
+    llm = LLM(**engine_kwargs(ModelConfig(path=model, max_model_len=512)))
     prompts = [[{"role": "user", "content": text}] for text in ("Plan my week", "hello")]
     greedy = SamplingParams(temperature=0, max_tokens=16)
     base = [o.outputs[0].text for o in llm.chat(prompts, greedy, use_tqdm=False)]

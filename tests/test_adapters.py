@@ -65,14 +65,14 @@ def served_version(server) -> str:
 
 
 def test_admin_routes_need_an_operator_token(fleet):
-    _, _, _, server, _ = fleet
+    _, registry, _, server, _ = fleet
     assert admin(server, "/pin", token=None).status_code == 401
     assert admin(server, "/pin", token="nonsense").status_code == 401
     refused = admin(server, "/pin", token=API_KEY)
     assert refused.status_code == 403 and "chat API key" in refused.json()["error"]["message"]
     listing = httpx.get(f"{server.base_url}/admin/adapters",
                         headers={"Authorization": f"Bearer {OPERATOR}"})
-    assert [v["version"] for v in listing.json()["versions"]] == [1, 2]
+    assert [v["version"] for v in listing.json()["versions"]] == registry.versions()
 
 
 def test_swaps_under_load_fail_nothing_and_every_answer_names_its_version(fleet):
@@ -102,13 +102,16 @@ def test_swaps_under_load_fail_nothing_and_every_answer_names_its_version(fleet)
             time.sleep(0.02)  # polling the clients' results, not synchronising on time
         raise AssertionError(f"never saw version {expect}")
 
+    # The fleet is shared: start from whatever is live and switch between the other two.
+    live_before = registry.read_state().live
+    first, second = (2, 1) if live_before == 1 else (1, 2)
     threads = [threading.Thread(target=client) for _ in range(3)]
     for t in threads:
         t.start()
     try:
-        delays = [switch("/adapters/1/promote", "1", reason="first"),
-                  switch("/adapters/2/promote", "2", reason="better"),
-                  switch("/adapters/rollback", "1", reason="v2 misbehaves")]
+        delays = [switch(f"/adapters/{first}/promote", str(first), reason="first"),
+                  switch(f"/adapters/{second}/promote", str(second), reason="better"),
+                  switch("/adapters/rollback", str(first), reason="it misbehaves")]
     finally:
         stop.set()
         for t in threads:
@@ -116,7 +119,7 @@ def test_swaps_under_load_fail_nothing_and_every_answer_names_its_version(fleet)
 
     assert not failures
     assert all(d < 1.0 for d in delays), delays
-    assert {v for _, v, _, _ in seen} >= {"1", "2"}
+    assert {v for _, v, _, _ in seen} >= {str(first), str(second)}
     for _, version, model, _ in seen:  # the body names the same version as the header
         assert model == ("dynalign" if version == "base" else f"dynalign-v{version}")
     # ... and so does every interaction record.
@@ -129,8 +132,9 @@ def test_swaps_under_load_fail_nothing_and_every_answer_names_its_version(fleet)
 
     audit = registry.audit_log()
     assert [(e.action, e.from_version, e.to_version) for e in audit[-3:]] == [
-        ("promote", None, 1), ("promote", 1, 2), ("rollback", 2, 1)]
-    assert audit[-1].reason == "v2 misbehaves" and audit[-1].actor == "ops"  # the name bound to the token
+        ("promote", live_before, first), ("promote", first, second),
+        ("rollback", second, first)]
+    assert audit[-1].reason == "it misbehaves" and audit[-1].actor == "ops"  # the name bound to the token
 
 
 def _copy_version(registry: Registry, source: int, mutate) -> int:
@@ -214,14 +218,18 @@ def test_two_servers_converge_through_promote_rollback_and_restart(fleet, tiny_m
                     return
             raise AssertionError(f"servers did not converge on {expected}")
 
-        cli("promote", "2", "--reason", "cli")
-        converged("2")
-        cli("rollback", "--to", "1")
-        converged("1")
+        # The fleet is shared: move between the two versions not live now.
+        old, new = ("2", "1") if registry.read_state().live == 1 else ("1", "2")
+        cli("promote", old, "--reason", "cli")
+        converged(old)
+        cli("promote", new)
+        converged(new)
+        cli("rollback", "--to", old)
+        converged(old)
         server_b.stop()
-        cli("promote", "2")  # while B is down
+        cli("promote", new)  # while B is down
         server_b = start_server(work / "b", tiny_model, broker.bootstrap, env=env)
-        converged("2")
+        converged(new)
     finally:
         server_b.stop()
 

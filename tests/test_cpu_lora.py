@@ -48,7 +48,8 @@ def test_engine_runs_the_grouped_ops_and_matches_peft(tiny_model, tmp_path):
     from vllm.lora.request import LoRARequest
 
     from learner.policy import apply_lora
-    from shared.config import LearnerConfig
+    from shared.config import LearnerConfig, ModelConfig
+    from shared.engine import engine_kwargs
 
     torch.manual_seed(0)
     peft_model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model), LearnerConfig())
@@ -66,8 +67,8 @@ def test_engine_runs_the_grouped_ops_and_matches_peft(tiny_model, tmp_path):
             logits = peft_model(torch.tensor([prompt])).logits[0, :-1].log_softmax(-1)
         base_logprobs = logits.gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1)
 
-    llm = LLM(model=str(tiny_model), dtype="float32", enable_lora=True, max_loras=1,
-              max_lora_rank=16, max_model_len=256, enforce_eager=True, seed=0)
+    # Our own engine settings (CPU KV-cache size included), not vLLM's bare defaults.
+    llm = LLM(**engine_kwargs(ModelConfig(path=str(tiny_model), max_loras=1, max_model_len=256)))
     try:
         params = SamplingParams(max_tokens=1, prompt_logprobs=0)
         adapter = LoRARequest("random", 1, str(tmp_path / "adapter"))

@@ -35,7 +35,7 @@ def test_known_reward_is_learned(tmp_path, tiny_model):
 
 
 # -- end to end through Kafka ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
+@pytest.fixture
 def loop(tmp_path_factory, tiny_model):
     """Its own broker and server, so the topic holds exactly what these tests chat."""
     work = tmp_path_factory.mktemp("loop")
@@ -107,22 +107,26 @@ def newest_checkpoint(work: Path):
     return checkpoint.latest(work / "learner")[1]
 
 
-def test_chats_become_a_candidate_adapter_that_changes_outputs(loop, tiny_model):
+@pytest.mark.timeout(1800)
+def test_chats_become_candidates_and_sigkills_lose_or_repeat_nothing(loop, tiny_model):
+    """One learner's life on one topic, so its phases run in this order: chats become a
+    candidate that changes outputs; a SIGKILL between checkpoint and commit repeats nothing;
+    a SIGKILL mid-step skips nothing."""
     work, broker, server = loop
+    store = AdapterStore(work / "adapters")
+
+    # Chats become a candidate adapter that changes vLLM's outputs.
     chat(server, [f"Plan a trip to city {i} {uuid.uuid4().hex[:6]}" for i in range(4)])
     result = learn(work, broker, tiny_model, max_steps=2)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "step     2" in result.stdout and "candidate v1" in result.stdout
-
-    store = AdapterStore(work / "adapters")
     assert store.versions() == [1]
     manifest = store.manifest(1)
-    assert manifest.steps == 2 and manifest.source_checkpoint == "test-learner/step-00000002"
+    run_id = (work / "learner" / "run_id").read_text()
+    assert manifest.steps == 2 and manifest.lineage == f"{run_id}/step-00000002"
     used = sum(last - first + 1 for first, last in manifest.trained_offsets.values())
     assert used == 4  # 2 steps x 2 prompts: every chatted record, nothing else
     assert committed(broker) == newest_checkpoint(work).next_offsets
-
-    # vLLM loads the candidate (PEFT format) and its greedy outputs differ from base.
     compare = subprocess.run(
         [sys.executable, str(REPO / "tests" / "compare_adapter.py"), str(tiny_model),
          str(store.path(1))], capture_output=True, text=True, timeout=600)
@@ -130,17 +134,13 @@ def test_chats_become_a_candidate_adapter_that_changes_outputs(loop, tiny_model)
     outputs = json_result(compare.stdout)
     assert outputs["base"] != outputs["adapter"]
 
-
-def test_sigkill_between_checkpoint_and_commit(loop, tiny_model):
-    work, broker, server = loop
+    # SIGKILL after the checkpoint and version, before the offsets commit.
     before = committed(broker)
     chat(server, [f"Organise a move {i} {uuid.uuid4().hex[:6]}" for i in range(4)])
     crashed = learn(work, broker, tiny_model, max_steps=4, crash_at="before-commit")
     assert crashed.returncode == -signal.SIGKILL
-    store = AdapterStore(work / "adapters")
     assert store.versions() == [1, 2]  # checkpoint and version written ...
     assert committed(broker) == before  # ... offsets not yet committed
-
     resumed = learn(work, broker, tiny_model, max_steps=4)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert store.versions() == [1, 2]  # the same checkpoint is not published twice
@@ -148,17 +148,13 @@ def test_sigkill_between_checkpoint_and_commit(loop, tiny_model):
     assert state.step == 4 and committed(broker) == state.next_offsets
     assert sum(state.next_offsets.values()) == 8
 
-
-def test_sigkill_mid_step_skips_nothing(loop, tiny_model):
-    work, broker, server = loop
+    # SIGKILL in the middle of a step: the step's records are read again, not skipped.
     chat(server, [f"Choose a school {i} {uuid.uuid4().hex[:6]}" for i in range(4)])
     crashed = learn(work, broker, tiny_model, max_steps=6, crash_at="mid-step")
     assert crashed.returncode == -signal.SIGKILL
     assert newest_checkpoint(work).step == 4  # step 5 was lost with the process
-
     resumed = learn(work, broker, tiny_model, max_steps=6)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    store = AdapterStore(work / "adapters")
     assert store.versions() == [1, 2, 3]
     trained = store.manifest(3).trained_offsets
     assert sum(last - first + 1 for first, last in trained.values()) == 4  # re-read, not skipped

@@ -60,7 +60,11 @@ def site(tmp_path_factory, tiny_model):
         ensure_topics(KafkaConfig(bootstrap=broker.bootstrap))
         server = start_server(work, tiny_model, broker.bootstrap, env=env)
         try:
-            yield server, registry, broker
+            # What start-up made of the garbled file, seen before any test changes the registry.
+            at_start = {"served": chat(server, KEYS["registry"]).headers[
+                            "x-dynalign-adapter-version"],
+                        "states": registry.read_state().states}
+            yield server, registry, broker, at_start
         finally:
             server.stop()
 
@@ -77,15 +81,15 @@ def chat(server, key: str, model: str = "dynalign", **extra) -> httpx.Response:
 
 
 def test_the_garbled_registry_file_is_rebuilt_from_the_audit_log(site):
-    server, registry, _ = site
-    assert chat(server, KEYS["registry"]).headers["x-dynalign-adapter-version"] == "2"
-    assert registry.read_state().states == {1: "retired", 2: "live", 4: "rejected"}
+    _, registry, _, at_start = site
+    assert at_start["served"] == "2"
+    assert at_start["states"] == {1: "retired", 2: "live", 4: "rejected"}
     kept = list(registry.root.glob("registry.json.corrupt-*"))
     assert len(kept) == 1 and "li" in kept[0].read_text()  # kept for inspection
 
 
 def test_auth_has_no_soft_spots(site):
-    server, registry, _ = site
+    server, registry, _, _ = site
     base = server.base_url
     for empty in ("Bearer", ""):  # an empty bearer is no key
         r = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": empty},
@@ -110,7 +114,7 @@ def test_auth_has_no_soft_spots(site):
 
 
 def test_chat_keys_pin_only_versions_users_were_served(site):
-    server, registry, _ = site
+    server, registry, _, _ = site
     assert chat(server, KEYS["pin"], model="dynalign@v1").status_code == 200  # retired: was live
     assert chat(server, KEYS["pin"], model="dynalign@v2").status_code == 200  # live
     for version, state in ((3, "candidate"), (4, "rejected")):
@@ -132,7 +136,7 @@ def test_chat_keys_pin_only_versions_users_were_served(site):
 def test_on_demand_loads_are_evicted_and_first_requests_race_safely(site):
     """Two first requests for one version at once both succeed (one load), and versions
     loaded on demand do not stay loaded beyond keep_loaded (1 here) plus live."""
-    server, _, _ = site
+    server, _, _, _ = site
     results: list[int] = []
     threads = [threading.Thread(target=lambda: results.append(
         chat(server, key=OPERATOR, model="dynalign@v5").status_code)) for _ in range(2)]
@@ -147,7 +151,7 @@ def test_on_demand_loads_are_evicted_and_first_requests_race_safely(site):
 
 
 def test_limits_refuse_with_429_and_one_greedy_key_cannot_starve_another(site):
-    server, _, _ = site
+    server, _, _, _ = site
     sdk = client(server, KEYS["other"])
     with pytest.raises(openai.BadRequestError, match="n=5 exceeds"):
         sdk.chat.completions.create(model="dynalign", n=5,
@@ -193,7 +197,7 @@ def test_limits_refuse_with_429_and_one_greedy_key_cannot_starve_another(site):
 
 
 def test_opt_out_is_spelled_any_usual_way_and_sticks_to_the_conversation(site):
-    server, _, broker = site
+    server, _, broker, _ = site
     tag = uuid.uuid4().hex[:8]
     kept = f"kept {tag}"
     for spelling in ("False", "0", "no", False):
@@ -223,7 +227,7 @@ def test_opt_out_is_spelled_any_usual_way_and_sticks_to_the_conversation(site):
 
 
 def test_metric_labels_stay_bounded_whatever_the_model_name(site):
-    server, _, _ = site
+    server, _, _, _ = site
     before = len(httpx.get(f"{server.base_url}/metrics").content)
     statuses = []
     for i in range(20):  # fast enough to meet the rate limit too: a 429 is labelled the same
@@ -237,7 +241,7 @@ def test_metric_labels_stay_bounded_whatever_the_model_name(site):
 
 
 def test_vllm_clients_find_version_completions_and_their_engine_flags(site):
-    server, _, broker = site
+    server, _, broker, _ = site
     version = httpx.get(f"{server.base_url}/version").json()
     assert version["version"] and version["dynalign"]
     sdk = client(server, KEYS["compat"])
@@ -259,7 +263,7 @@ def test_vllm_clients_find_version_completions_and_their_engine_flags(site):
 def test_a_refused_live_version_is_retried_until_it_can_be_served(site, tiny_model):
     """A shared volume that shows the manifest before the weights: the server refuses, keeps
     serving what it served, and switches once the file is there, with no new registry change."""
-    server, registry, _ = site
+    server, registry, _, _ = site
     version = publish_random(registry, tiny_model, seed=99, scale=0.3).version
     weights = registry.path(version) / WEIGHTS
     hidden = weights.with_name("hidden")
@@ -277,7 +281,11 @@ def test_a_refused_live_version_is_retried_until_it_can_be_served(site, tiny_mod
     while chat(server, KEYS["retry"]).headers["x-dynalign-adapter-version"] != str(version):
         assert time.monotonic() < deadline, "the server never retried the refused version"
         time.sleep(0.5)
-    Lifecycle(registry).rollback("test", reason="restore")
+    Lifecycle(registry).rollback("test", reason="restore")  # the site is shared: put it back
+    deadline = time.monotonic() + 10
+    while chat(server, KEYS["retry"]).headers["x-dynalign-adapter-version"] != before:
+        assert time.monotonic() < deadline, "the server never followed the rollback"
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("args, salt, named", [
