@@ -10,6 +10,9 @@ if ! command -v prometheus >/dev/null 2>&1; then
   fi
 fi
 . .venv/bin/activate
+# House style, checked before the (long) suite: pyproject.toml's [tool.ruff] says what.
+ruff check .
+ruff format --check .
 set +e
 python -m pytest "$@"
 rc=$?
