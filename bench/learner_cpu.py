@@ -45,19 +45,40 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # 8 completions per forward/backward: 32 at once need ~21 GB of activations in float32.
-FULL = dict(batch_completions=32, micro_batch_completions=8, group_size=8, max_new_tokens=256,
-            max_model_len=4096)
-SMOKE = dict(batch_completions=16, micro_batch_completions=8, group_size=8, max_new_tokens=16,
-             max_model_len=2048)
+FULL = dict(
+    batch_completions=32,
+    micro_batch_completions=8,
+    group_size=8,
+    max_new_tokens=256,
+    max_model_len=4096,
+)
+SMOKE = dict(
+    batch_completions=16,
+    micro_batch_completions=8,
+    group_size=8,
+    max_new_tokens=16,
+    max_model_len=2048,
+)
 JUDGE_MAX_TOKENS = 8  # greedy mode: what RolloutEngine.self_scores generates too
 
 
 def learner_settings(shape: dict, reward_mode: str) -> dict:
-    return dict(batch_completions=shape["batch_completions"], group_size=shape["group_size"],
-                micro_batch_completions=shape["micro_batch_completions"],
-                max_new_tokens=shape["max_new_tokens"], lora_rank=16, lora_alpha=32, lr=5e-6,
-                kl_beta=0.04, clip_eps=0.2, temperature=1.0, top_p=1.0, train_dtype="float32",
-                reward_mode=reward_mode, checkpoint_every_steps=10**9)
+    return dict(
+        batch_completions=shape["batch_completions"],
+        group_size=shape["group_size"],
+        micro_batch_completions=shape["micro_batch_completions"],
+        max_new_tokens=shape["max_new_tokens"],
+        lora_rank=16,
+        lora_alpha=32,
+        lr=5e-6,
+        kl_beta=0.04,
+        clip_eps=0.2,
+        temperature=1.0,
+        top_p=1.0,
+        train_dtype="float32",
+        reward_mode=reward_mode,
+        checkpoint_every_steps=10**9,
+    )
 
 
 def summarize(steps: list[dict], phases: list[str]) -> dict:
@@ -88,8 +109,13 @@ def run_dynalign(model_dir: str, shape: dict, args, prompts_file: Path, workdir:
         gate={"enabled": False},
         registry={"store": str(workdir / "adapters")},
     )
-    learner = Learner(cfg, workdir, lambda prompt_filter, offsets, deferred:
-                      FilePromptSource(prompts_file, prompt_filter, offsets)).setup()
+    learner = Learner(
+        cfg,
+        workdir,
+        lambda prompt_filter, offsets, deferred: FilePromptSource(
+            prompts_file, prompt_filter, offsets
+        ),
+    ).setup()
     threads = torch.get_num_threads()
     steps = []
     try:
@@ -98,23 +124,34 @@ def run_dynalign(model_dir: str, shape: dict, args, prompts_file: Path, workdir:
             report = learner.step_once()
             wall = time.perf_counter() - t0
             n = shape["batch_completions"]
-            steps.append(dict(
-                step_s=wall,
-                # "batch" (reading the prompt file) is ~0 and counted in the step only
-                phases_s={"rollout": report.seconds["rollout"], "reward": report.seconds["reward"],
-                          "update": report.seconds["update"]},
-                completions=n,
-                completion_tokens=round(report.completion_tokens * n),
-                reward_mean=report.reward_mean, unparsable=report.unparsable,
-                loss=report.loss, kl=report.kl,
-            ))
+            steps.append(
+                dict(
+                    step_s=wall,
+                    # "batch" (reading the prompt file) is ~0 and counted in the step only
+                    phases_s={
+                        "rollout": report.seconds["rollout"],
+                        "reward": report.seconds["reward"],
+                        "update": report.seconds["update"],
+                    },
+                    completions=n,
+                    completion_tokens=round(report.completion_tokens * n),
+                    reward_mean=report.reward_mean,
+                    unparsable=report.unparsable,
+                    loss=report.loss,
+                    kl=report.kl,
+                )
+            )
             print(f"dynalign step {len(steps)}: {wall:.1f} s {steps[-1]['phases_s']}", flush=True)
     finally:
         learner.close()  # ends vLLM's engine: it must neither hold memory nor share cores with TRL
         del learner
         gc.collect()
-    return dict(warmup=steps[0], steps=steps[1:], torch_threads=threads,
-                **summarize(steps[1:], ["rollout", "reward", "update"]))
+    return dict(
+        warmup=steps[0],
+        steps=steps[1:],
+        torch_threads=threads,
+        **summarize(steps[1:], ["rollout", "reward", "update"]),
+    )
 
 
 # -- TRL ----------------------------------------------------------------------------------------
@@ -134,17 +171,26 @@ def judge_scores(model, tokenizer, requests: list, mode: str, digit_ids: list[in
     with torch.no_grad():
         if mode == "expected":
             # Left padding: positions must count real tokens only, as vLLM's do.
-            out = model(input_ids=input_ids, attention_mask=mask,
-                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                        logits_to_keep=1, use_cache=False)
+            out = model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                logits_to_keep=1,
+                use_cache=False,
+            )
             logp = out.logits[:, -1, digit_ids].float().log_softmax(-1)  # renormalised over 0..5
-            return [expected_score({str(d): lp for d, lp in enumerate(row)})
-                    for row in logp.tolist()]
+            return [
+                expected_score({str(d): lp for d, lp in enumerate(row)}) for row in logp.tolist()
+            ]
         generated = model.generate(
-            input_ids=input_ids, attention_mask=mask,
-            generation_config=GenerationConfig(max_new_tokens=JUDGE_MAX_TOKENS, do_sample=False,
-                                               pad_token_id=pad,
-                                               eos_token_id=tokenizer.eos_token_id),
+            input_ids=input_ids,
+            attention_mask=mask,
+            generation_config=GenerationConfig(
+                max_new_tokens=JUDGE_MAX_TOKENS,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            ),
         )
     texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
     return [parse_score(t) for t in texts]
@@ -169,7 +215,10 @@ def run_trl(model_dir: str, shape: dict, args, conversations: list, outdir: Path
     def self_reward(prompts, completions, **_):
         # prompts[i][0] is the CA system prompt; the judge sees the user's conversation only,
         # as dynalign's self_scores does.
-        requests = [judge_request(p[1:], c[-1]["content"]) for p, c in zip(prompts, completions)]
+        requests = [
+            judge_request(p[1:], c[-1]["content"])
+            for p, c in zip(prompts, completions, strict=True)
+        ]
         return judge_scores(trainer.model, tokenizer, requests, args.reward_mode, digit_ids)
 
     config = GRPOConfig(
@@ -212,8 +261,13 @@ def run_trl(model_dir: str, shape: dict, args, conversations: list, outdir: Path
     threads = torch.get_num_threads()
     trainer.train()
     steps = timer.steps
-    return dict(warmup=steps[0], steps=steps[1:], torch_threads=threads, logs=timer.logs,
-                **summarize(steps[1:], ["rollout", "reward", "update"]))
+    return dict(
+        warmup=steps[0],
+        steps=steps[1:],
+        torch_threads=threads,
+        logs=timer.logs,
+        **summarize(steps[1:], ["rollout", "reward", "update"]),
+    )
 
 
 class StepTimer(TrainerCallback):
@@ -252,24 +306,37 @@ class StepTimer(TrainerCallback):
         c = self.current
         # "update": everything else in the step (tokenising, reference log-probs with the
         # adapter off, forward + backward, clip, AdamW)
-        phases = dict(rollout=c["rollout"], reward=c["reward"],
-                      update=wall - c["rollout"] - c["reward"])
-        self.steps.append(dict(step_s=wall, phases_s=phases, completions=c["completions"],
-                               completion_tokens=c["tokens"]))
+        phases = dict(
+            rollout=c["rollout"], reward=c["reward"], update=wall - c["rollout"] - c["reward"]
+        )
+        self.steps.append(
+            dict(
+                step_s=wall,
+                phases_s=phases,
+                completions=c["completions"],
+                completion_tokens=c["tokens"],
+            )
+        )
         print(f"TRL step {len(self.steps)}: {wall:.1f} s {phases}", flush=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.logs.append(dict(logs or {}))
 
 
-
 # -- main ---------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny model, 16 completions, 16 new tokens, 1 timed step")
-    parser.add_argument("--reward-mode", choices=["expected", "greedy"], default="expected",
-                        help="self-reward reading on both sides (the paper's is greedy)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny model, 16 completions, 16 new tokens, 1 timed step",
+    )
+    parser.add_argument(
+        "--reward-mode",
+        choices=["expected", "greedy"],
+        default="expected",
+        help="self-reward reading on both sides (the paper's is greedy)",
+    )
     parser.add_argument("--steps", type=int, default=2, help="timed steps after 1 warm-up step")
     parser.add_argument("--sides", default="dynalign,trl")
     parser.add_argument("--model", default="", help="default SmolLM2-135M-Instruct")
@@ -299,15 +366,29 @@ def main() -> None:
         benchmark="learner_cpu",
         smoke=args.smoke,
         model=model_dir,
-        settings=dict(learner_settings(shape, args.reward_mode), prompts=len(conversations),
-                      warmup_steps=1, timed_steps=args.steps, max_model_len=shape["max_model_len"],
-                      lora_target_modules="all-linear", loss_type="dapo (TRL default)",
-                      judge_max_tokens_greedy=JUDGE_MAX_TOKENS),
-        machine=dict(cpu_count=os.cpu_count(), affinity=len(os.sched_getaffinity(0)),
-                     platform=platform.platform(), processor=platform.processor(),
-                     loadavg_start=os.getloadavg()),
-        versions=dict(torch=torch.__version__, transformers=transformers.__version__,
-                      trl=trl.__version__, vllm=vllm.__version__),
+        settings=dict(
+            learner_settings(shape, args.reward_mode),
+            prompts=len(conversations),
+            warmup_steps=1,
+            timed_steps=args.steps,
+            max_model_len=shape["max_model_len"],
+            lora_target_modules="all-linear",
+            loss_type="dapo (TRL default)",
+            judge_max_tokens_greedy=JUDGE_MAX_TOKENS,
+        ),
+        machine=dict(
+            cpu_count=os.cpu_count(),
+            affinity=len(os.sched_getaffinity(0)),
+            platform=platform.platform(),
+            processor=platform.processor(),
+            loadavg_start=os.getloadavg(),
+        ),
+        versions=dict(
+            torch=torch.__version__,
+            transformers=transformers.__version__,
+            trl=trl.__version__,
+            vllm=vllm.__version__,
+        ),
         note=(
             "Same process, sides run one after the other (dynalign first; its vLLM engine is "
             "shut down before TRL starts). The machine is shared with other work (see loadavg), "
@@ -347,15 +428,19 @@ def main() -> None:
                 print(f"{side}: FAILED {report[side]['error']}", flush=True)
             write()
 
-    print(f"\nreward mode {args.reward_mode}; {shape['batch_completions']} completions, "
-          f"<= {shape['max_new_tokens']} new tokens; median of {args.steps} step(s)")
+    print(
+        f"\nreward mode {args.reward_mode}; {shape['batch_completions']} completions, "
+        f"<= {shape['max_new_tokens']} new tokens; median of {args.steps} step(s)"
+    )
     for side in ("dynalign", "trl"):
         r = report.get(side, {})
         if "median_step_s" in r:
             phases = ", ".join(f"{p} {s:.1f} s" for p, s in r["phases_median_s"].items())
-            print(f"{side:9s} {r['median_step_s']:7.1f} s/step ({phases}); "
-                  f"{r['completion_tokens_per_s']:.1f} completion tok/s per step, "
-                  f"{r['generation_tokens_per_s']:.1f} tok/s generating")
+            print(
+                f"{side:9s} {r['median_step_s']:7.1f} s/step ({phases}); "
+                f"{r['completion_tokens_per_s']:.1f} completion tok/s per step, "
+                f"{r['generation_tokens_per_s']:.1f} tok/s generating"
+            )
     if "trl_over_dynalign" in report:
         print(f"TRL / dynalign step time: {report['trl_over_dynalign']:.2f}x")
     print(f"wrote {args.out}")

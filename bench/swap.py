@@ -55,14 +55,31 @@ def main() -> None:
         for seed in (1, 2):
             publish_random(registry, model_dir, rank=16, seed=seed, scale=0.05)
         port = free_port()
-        env = {**os.environ, "DYNALIGN_REGISTRY__STORE": str(registry.root),
-               "DYNALIGN_SERVING__OPERATOR_TOKENS": json.dumps({"bench": TOKEN}),
-               "DYNALIGN_SERVING__OUTBOX_DIR": str(Path(tmp) / "outbox"),
-               "DYNALIGN_SERVING__USER_HASH_SALT": "bench"}
+        env = {
+            **os.environ,
+            "DYNALIGN_REGISTRY__STORE": str(registry.root),
+            "DYNALIGN_SERVING__OPERATOR_TOKENS": json.dumps({"bench": TOKEN}),
+            "DYNALIGN_SERVING__OUTBOX_DIR": str(Path(tmp) / "outbox"),
+            "DYNALIGN_SERVING__USER_HASH_SALT": "bench",
+        }
         log = open(Path(tmp) / "server.log", "wb")
-        server = subprocess.Popen([sys.executable, "-m", "dynalign", "serve", "--port", str(port),
-                                   "--kafka", broker.bootstrap, "--model", str(model_dir)],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dynalign",
+                "serve",
+                "--port",
+                str(port),
+                "--kafka",
+                broker.bootstrap,
+                "--model",
+                str(model_dir),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 600
@@ -87,8 +104,12 @@ def main() -> None:
 
 
 def run(url: str, args: argparse.Namespace) -> dict:
-    body = {"model": "dynalign", "max_tokens": args.max_tokens, "temperature": 0,
-            "messages": [{"role": "user", "content": "Plan my week"}]}
+    body = {
+        "model": "dynalign",
+        "max_tokens": args.max_tokens,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Plan my week"}],
+    }
     seen: list[tuple[float, str]] = []  # (end time, version)
     latencies: list[float] = []
     failures: list[str] = []
@@ -114,8 +135,9 @@ def run(url: str, args: argparse.Namespace) -> dict:
         for i in range(args.swaps):
             target = 1 + i % 2
             start = time.monotonic()
-            r = httpx.post(f"{url}/admin/adapters/{target}/promote", headers=auth, json={},
-                           timeout=120)
+            r = httpx.post(
+                f"{url}/admin/adapters/{target}/promote", headers=auth, json={}, timeout=120
+            )
             command_s = time.monotonic() - start
             r.raise_for_status()
             while not any(t >= start and v == str(target) for t, v in seen):

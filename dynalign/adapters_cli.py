@@ -10,7 +10,7 @@ from __future__ import annotations
 import getpass
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -24,15 +24,16 @@ from shared.registry import Registry, RegistryError, RegistryState
 adapters_app = typer.Typer(no_args_is_help=True, help=__doc__)
 console = Console()
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config")]
-StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Adapter store directory.")]
-KafkaOpt = Annotated[Optional[str], typer.Option("--kafka")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config")]
+StoreOpt = Annotated[Path | None, typer.Option("--store", help="Adapter store directory.")]
+KafkaOpt = Annotated[str | None, typer.Option("--kafka")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 ReasonOpt = Annotated[str, typer.Option("--reason", help="Recorded in the audit log.")]
 
 
-def _setup(config: Path | None, store: Path | None, kafka: str | None
-           ) -> tuple[DynalignConfig, Lifecycle]:
+def _setup(
+    config: Path | None, store: Path | None, kafka: str | None
+) -> tuple[DynalignConfig, Lifecycle]:
     cfg = config_or_exit(config, registry={"store": store}, kafka={"bootstrap": kafka})
     return cfg, Lifecycle.from_config(cfg)
 
@@ -42,21 +43,35 @@ def _actor() -> str:
 
 
 def _versions(registry: Registry, state: RegistryState) -> list[dict]:
-    return [{"version": v, "state": state.states.get(v, "candidate"),
-             **registry.manifest(v).model_dump(mode="json", exclude={"version"})}
-            for v in registry.versions()]
+    return [
+        {
+            "version": v,
+            "state": state.states.get(v, "candidate"),
+            **registry.manifest(v).model_dump(mode="json", exclude={"version"}),
+        }
+        for v in registry.versions()
+    ]
 
 
 def _finish(state: RegistryState, action: str, as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps({"live": state.live, "pinned": state.pinned,
-                               "learning_paused": state.learning_paused,
-                               "revision": state.revision}))
+        typer.echo(
+            json.dumps(
+                {
+                    "live": state.live,
+                    "pinned": state.pinned,
+                    "learning_paused": state.learning_paused,
+                    "revision": state.revision,
+                }
+            )
+        )
     else:
         live = "base" if state.live is None else f"v{state.live}"
-        console.print(f"{action}: live is now [bold]{live}[/bold]"
-                      + (" (pinned)" if state.pinned else "")
-                      + (" ; learning paused" if state.learning_paused else ""))
+        console.print(
+            f"{action}: live is now [bold]{live}[/bold]"
+            + (" (pinned)" if state.pinned else "")
+            + (" ; learning paused" if state.learning_paused else "")
+        )
 
 
 def _fail(exc: Exception) -> None:
@@ -71,24 +86,39 @@ def list_versions(config: ConfigOpt = None, store: StoreOpt = None, as_json: Jso
     state = registry.read_state()
     rows = _versions(registry, state)
     if as_json:
-        typer.echo(json.dumps({"live": state.live, "pinned": state.pinned,
-                               "learning_paused": state.learning_paused, "versions": rows}))
+        typer.echo(
+            json.dumps(
+                {
+                    "live": state.live,
+                    "pinned": state.pinned,
+                    "learning_paused": state.learning_paused,
+                    "versions": rows,
+                }
+            )
+        )
         return
-    table = Table(title=f"adapters in {registry.root}  (live: "
-                        f"{'base' if state.live is None else f'v{state.live}'})")
+    table = Table(
+        title=f"adapters in {registry.root}  (live: "
+        f"{'base' if state.live is None else f'v{state.live}'})"
+    )
     for column in ("version", "state", "parent", "steps", "reward", "kl", "created"):
         table.add_column(column)
     for row in rows:
         m = row["metrics"]
-        table.add_row(f"v{row['version']}", row["state"], str(row["parent_version"] or "-"),
-                      str(row["steps"]), f"{m.get('reward_mean', float('nan')):.2f}",
-                      f"{m.get('kl', float('nan')):.4f}", row["created_at"][:19])
+        table.add_row(
+            f"v{row['version']}",
+            row["state"],
+            str(row["parent_version"] or "-"),
+            str(row["steps"]),
+            f"{m.get('reward_mean', float('nan')):.2f}",
+            f"{m.get('kl', float('nan')):.4f}",
+            row["created_at"][:19],
+        )
     console.print(table)
 
 
 @adapters_app.command()
-def show(version: int, config: ConfigOpt = None, store: StoreOpt = None,
-         as_json: JsonOpt = False):
+def show(version: int, config: ConfigOpt = None, store: StoreOpt = None, as_json: JsonOpt = False):
     """One version's manifest and state."""
     registry = _setup(config, store, None)[1].registry
     try:
@@ -100,23 +130,27 @@ def show(version: int, config: ConfigOpt = None, store: StoreOpt = None,
 
 
 @adapters_app.command()
-def diff(a: int, b: int, config: ConfigOpt = None, store: StoreOpt = None,
-         as_json: JsonOpt = False):
+def diff(
+    a: int, b: int, config: ConfigOpt = None, store: StoreOpt = None, as_json: JsonOpt = False
+):
     """How two versions differ: manifest fields and the weight change per tensor (L2 norm)."""
     from safetensors.torch import load_file
 
     registry = _setup(config, store, None)[1].registry
     ma, mb = registry.manifest(a), registry.manifest(b)
-    fields = {k: [getattr(ma, k), getattr(mb, k)]
-              for k in ("parent_version", "steps", "metrics", "trained_offsets", "base_model")
-              if getattr(ma, k) != getattr(mb, k)}
+    fields = {
+        k: [getattr(ma, k), getattr(mb, k)]
+        for k in ("parent_version", "steps", "metrics", "trained_offsets", "base_model")
+        if getattr(ma, k) != getattr(mb, k)
+    }
     wa = load_file(str(registry.path(a) / "adapter_model.safetensors"))
     wb = load_file(str(registry.path(b) / "adapter_model.safetensors"))
     deltas = {k: float((wb[k] - wa[k]).norm()) for k in sorted(wa) if k in wb}
     total = sum(d * d for d in deltas.values()) ** 0.5
     if as_json:
-        typer.echo(json.dumps({"fields": fields, "weight_delta_l2": total, "tensors": deltas},
-                              default=str))
+        typer.echo(
+            json.dumps({"fields": fields, "weight_delta_l2": total, "tensors": deltas}, default=str)
+        )
         return
     for key, (x, y) in fields.items():
         console.print(f"{key}: v{a}={x}  v{b}={y}")
@@ -126,10 +160,17 @@ def diff(a: int, b: int, config: ConfigOpt = None, store: StoreOpt = None,
 
 
 @adapters_app.command()
-def promote(version: int, config: ConfigOpt = None, store: StoreOpt = None,
-            kafka: KafkaOpt = None, reason: ReasonOpt = "", as_json: JsonOpt = False,
-            override: Annotated[bool, typer.Option(
-                "--override", help="Promote a rejected version (audited as such).")] = False):
+def promote(
+    version: int,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+    kafka: KafkaOpt = None,
+    reason: ReasonOpt = "",
+    as_json: JsonOpt = False,
+    override: Annotated[
+        bool, typer.Option("--override", help="Promote a rejected version (audited as such).")
+    ] = False,
+):
     """Make VERSION live (after checking it can be served)."""
     from shared.engine import resolve_model_path
     from shared.registry import base_fingerprint
@@ -137,7 +178,8 @@ def promote(version: int, config: ConfigOpt = None, store: StoreOpt = None,
     cfg, lifecycle = _setup(config, store, kafka)
     try:
         problems = lifecycle.servable_problems(
-            version, base_fingerprint(resolve_model_path(cfg.model)), cfg.model.max_lora_rank)
+            version, base_fingerprint(resolve_model_path(cfg.model)), cfg.model.max_lora_rank
+        )
         if problems:
             raise RegistryError("; ".join(problems))
         state = lifecycle.promote(version, _actor(), reason, override=override)
@@ -147,9 +189,14 @@ def promote(version: int, config: ConfigOpt = None, store: StoreOpt = None,
 
 
 @adapters_app.command()
-def rollback(to: Annotated[Optional[int], typer.Option("--to", help="Default: the previous live.")]
-             = None, config: ConfigOpt = None, store: StoreOpt = None, kafka: KafkaOpt = None,
-             reason: ReasonOpt = "", as_json: JsonOpt = False):
+def rollback(
+    to: Annotated[int | None, typer.Option("--to", help="Default: the previous live.")] = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+    kafka: KafkaOpt = None,
+    reason: ReasonOpt = "",
+    as_json: JsonOpt = False,
+):
     """Move live back to the previous version (or --to vN, a version that was live)."""
     _, lifecycle = _setup(config, store, kafka)
     try:
@@ -160,8 +207,13 @@ def rollback(to: Annotated[Optional[int], typer.Option("--to", help="Default: th
 
 
 def _flag_command(action: str, doc: str) -> None:
-    def command(config: ConfigOpt = None, store: StoreOpt = None, kafka: KafkaOpt = None,
-                reason: ReasonOpt = "", as_json: JsonOpt = False):
+    def command(
+        config: ConfigOpt = None,
+        store: StoreOpt = None,
+        kafka: KafkaOpt = None,
+        reason: ReasonOpt = "",
+        as_json: JsonOpt = False,
+    ):
         _, lifecycle = _setup(config, store, kafka)
         _finish(lifecycle.set_flag(action, _actor(), reason), action, as_json)
 

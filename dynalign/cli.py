@@ -1,11 +1,12 @@
 """`dynalign` — one entry point for every process of the loop.
 
-    dynalign up      broker (embedded unless --kafka) + server + learner on one machine
-    dynalign serve   the OpenAI-compatible chat server
-    dynalign learn   the self-rewarding GRPO learner
-    dynalign datagen the paper's task-prompt generation
-    dynalign eval    pairwise CA judgement | IFEval
-    dynalign adapters list | show | diff | promote | rollback | pin | unpin | pause-learning | resume-learning
+dynalign up      broker (embedded unless --kafka) + server + learner on one machine
+dynalign serve   the OpenAI-compatible chat server
+dynalign learn   the self-rewarding GRPO learner
+dynalign datagen the paper's task-prompt generation
+dynalign eval    pairwise CA judgement | IFEval
+dynalign adapters list | show | diff | promote | rollback | pin | unpin
+                 | pause-learning | resume-learning
 """
 
 from __future__ import annotations
@@ -16,17 +17,18 @@ import os
 import signal
 import subprocess
 import threading
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
-from typing import Annotated, Iterable, Iterator, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from dynalign.adapters_cli import adapters_app
+from dynalign.settings import config_or_exit
 from offline.datagen import datagen_command
 from offline.evaluate import eval_app
-from dynalign.settings import config_or_exit
 from shared.config import DynalignConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -36,18 +38,29 @@ app.add_typer(adapters_app, name="adapters", help="List, promote, roll back, pin
 console = Console()
 log = logging.getLogger("dynalign")
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML or YAML config file.")]
-ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", help="Hub id or local path (default: SmolLM2-135M-Instruct from PyPI).")]
-KafkaOpt = Annotated[Optional[str], typer.Option(
-    "--kafka", help="Kafka bootstrap servers (host:port,...).")]
-HostOpt = Annotated[Optional[str], typer.Option("--host")]
-PortOpt = Annotated[Optional[int], typer.Option("--port")]
-EngineArgOpt = Annotated[Optional[list[str]], typer.Option(
-    "--engine-arg", help="Any `vllm serve` engine flag as KEY=VALUE (repeatable), e.g. "
-    "max_num_seqs=64; checked by vLLM's own parser.")]
-InsecureOpt = Annotated[bool, typer.Option(
-    "--insecure-no-auth", help="Serve a non-loopback address without API keys.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML or YAML config file.")]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model", help="Hub id or local path (default: SmolLM2-135M-Instruct from PyPI)."
+    ),
+]
+KafkaOpt = Annotated[
+    str | None, typer.Option("--kafka", help="Kafka bootstrap servers (host:port,...).")
+]
+HostOpt = Annotated[str | None, typer.Option("--host")]
+PortOpt = Annotated[int | None, typer.Option("--port")]
+EngineArgOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--engine-arg",
+        help="Any `vllm serve` engine flag as KEY=VALUE (repeatable), e.g. "
+        "max_num_seqs=64; checked by vLLM's own parser.",
+    ),
+]
+InsecureOpt = Annotated[
+    bool, typer.Option("--insecure-no-auth", help="Serve a non-loopback address without API keys.")
+]
 
 
 def _engine_args(pairs: list[str] | None) -> dict:
@@ -56,8 +69,7 @@ def _engine_args(pairs: list[str] | None) -> dict:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}",
-                                     param_hint="--engine-arg")
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--engine-arg")
         try:
             parsed[key.strip()] = json.loads(value)
         except ValueError:
@@ -65,12 +77,21 @@ def _engine_args(pairs: list[str] | None) -> dict:
     return parsed
 
 
-def _config(config: Path | None, model: str | None, kafka: str | None, host: str | None,
-            port: int | None, engine_args: list[str] | None = None,
-            insecure_no_auth: bool = False) -> DynalignConfig:
-    cfg = config_or_exit(config, model={"path": model}, kafka={"bootstrap": kafka},
-                      serving={"host": host, "port": port,
-                               "insecure_no_auth": insecure_no_auth or None})
+def _config(
+    config: Path | None,
+    model: str | None,
+    kafka: str | None,
+    host: str | None,
+    port: int | None,
+    engine_args: list[str] | None = None,
+    insecure_no_auth: bool = False,
+) -> DynalignConfig:
+    cfg = config_or_exit(
+        config,
+        model={"path": model},
+        kafka={"bootstrap": kafka},
+        serving={"host": host, "port": port, "insecure_no_auth": insecure_no_auth or None},
+    )
     cfg.model.engine_args = {**cfg.model.engine_args, **_engine_args(engine_args)}
     return cfg
 
@@ -84,9 +105,9 @@ def _refuse(exc: Exception) -> None:
 def _run_server(cfg: DynalignConfig) -> None:
     import uvicorn
 
-    from shared.engine import EngineArgsError, parse_vllm_args, vllm_cli_args
     from serving.outbox import Outbox
     from serving.server import InsecureConfig, check_exposure, create_app
+    from shared.engine import EngineArgsError, parse_vllm_args, vllm_cli_args
     from shared.kafka import ensure_topics, producer
 
     try:  # before anything starts
@@ -100,8 +121,13 @@ def _run_server(cfg: DynalignConfig) -> None:
         # Short timeouts let the forwarder notice an outage quickly and back off; requests
         # never wait on it.
         ensure_topics(cfg.kafka, timeout_s=5)
-        return producer(cfg.kafka.bootstrap, max_block_ms=5000, request_timeout_ms=5000,
-                        delivery_timeout_ms=10000, max_request_size=cfg.kafka.max_message_bytes)
+        return producer(
+            cfg.kafka.bootstrap,
+            max_block_ms=5000,
+            request_timeout_ms=5000,
+            delivery_timeout_ms=10000,
+            max_request_size=cfg.kafka.max_message_bytes,
+        )
 
     outbox = Outbox(
         cfg.serving.outbox_dir,
@@ -113,22 +139,37 @@ def _run_server(cfg: DynalignConfig) -> None:
         max_queued_records=cfg.serving.outbox_max_queued_records,
     )
     server_app = create_app(cfg, outbox)
-    server = uvicorn.Server(uvicorn.Config(server_app, host=cfg.serving.host,
-                                           port=cfg.serving.port, log_level="info",
-                                           timeout_graceful_shutdown=10))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            server_app,
+            host=cfg.serving.host,
+            port=cfg.serving.port,
+            log_level="info",
+            timeout_graceful_shutdown=10,
+        )
+    )
     server_app.state.server = server  # vLLM's engine-error handler stops it if the engine died
     server.run()
 
 
 @app.command()
-def serve(config: ConfigOpt = None, model: ModelOpt = None, kafka: KafkaOpt = None,
-          host: HostOpt = None, port: PortOpt = None, engine_arg: EngineArgOpt = None,
-          insecure_no_auth: InsecureOpt = False) -> None:
+def serve(
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    kafka: KafkaOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    engine_arg: EngineArgOpt = None,
+    insecure_no_auth: InsecureOpt = False,
+) -> None:
     """Serve the OpenAI-compatible chat endpoint; log interactions to Kafka."""
     cfg = _config(config, model, kafka, host, port, engine_arg, insecure_no_auth)
     if not cfg.kafka.bootstrap:
-        raise typer.BadParameter("serve needs --kafka (or DYNALIGN_KAFKA__BOOTSTRAP); "
-                                 "`dynalign up` starts an embedded broker", param_hint="--kafka")
+        raise typer.BadParameter(
+            "serve needs --kafka (or DYNALIGN_KAFKA__BOOTSTRAP); "
+            "`dynalign up` starts an embedded broker",
+            param_hint="--kafka",
+        )
     _run_server(cfg)
 
 
@@ -180,8 +221,11 @@ def _ending_descendants() -> Iterator[tuple[ExitStack, threading.Event]]:
             try:
                 cleanups.close()
             finally:
-                _end(p for p in {*descendants, *me.children(recursive=True)}
-                     if p.is_running() and not _exits_with_us(p))
+                _end(
+                    p
+                    for p in {*descendants, *me.children(recursive=True)}
+                    if p.is_running() and not _exits_with_us(p)
+                )
 
 
 def _exits_with_us(process) -> bool:
@@ -211,13 +255,21 @@ def _end(processes: Iterable, grace_s: float = 10.0) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-def _spawn_learner(cfg: DynalignConfig, config: Path | None,
-                   engine_args: list[str] | None) -> subprocess.Popen:
+def _spawn_learner(
+    cfg: DynalignConfig, config: Path | None, engine_args: list[str] | None
+) -> subprocess.Popen:
     """The learner runs as its own process (own engine, own metrics port) beside the server."""
     import sys
 
-    cmd = [sys.executable, "-m", "dynalign", "learn", "--kafka", cfg.kafka.bootstrap,
-           "--single-user"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dynalign",
+        "learn",
+        "--kafka",
+        cfg.kafka.bootstrap,
+        "--single-user",
+    ]
     if cfg.model.path:
         cmd += ["--model", cfg.model.path]
     if config:
@@ -239,9 +291,15 @@ def _stop_child(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
 
 
 @app.command()
-def up(config: ConfigOpt = None, model: ModelOpt = None, kafka: KafkaOpt = None,
-       host: HostOpt = None, port: PortOpt = None, engine_arg: EngineArgOpt = None,
-       insecure_no_auth: InsecureOpt = False) -> None:
+def up(
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    kafka: KafkaOpt = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+    engine_arg: EngineArgOpt = None,
+    insecure_no_auth: InsecureOpt = False,
+) -> None:
     """Everything on one machine: a Kafka-protocol broker (embedded Tansu unless --kafka),
     the chat server on the model (default SmolLM2-135M-Instruct), metrics."""
     from serving.server import InsecureConfig, check_exposure
@@ -262,8 +320,8 @@ def up(config: ConfigOpt = None, model: ModelOpt = None, kafka: KafkaOpt = None,
         base = f"http://{cfg.serving.host}:{cfg.serving.port}"
         console.print(
             f"[bold]dynalign up[/bold]\n"
-            f"  kafka      {cfg.kafka.bootstrap}" + (" (embedded Tansu, in-memory)" if embedded
-                                                       else "")
+            f"  kafka      {cfg.kafka.bootstrap}"
+            + (" (embedded Tansu, in-memory)" if embedded else "")
             + f"\n  chat       {base}/v1/chat/completions  model='{cfg.model.served_name}'"
             f"\n  models     {base}/v1/models\n  metrics    {base}/metrics (server), "
             f"http://127.0.0.1:{cfg.learner.metrics_port}/metrics (learner)"
@@ -279,8 +337,8 @@ def learner_settings(cfg: DynalignConfig, single_user: bool = False) -> Dynalign
     Prints both sets so nobody mistakes a CPU demo for the paper's configuration."""
     from rich.table import Table
 
-    from shared.engine import has_gpu
     from shared.config import LearnerConfig
+    from shared.engine import has_gpu
 
     paper = LearnerConfig()
     chosen = cfg.learner if has_gpu() else cfg.learner.cpu_sized()
@@ -288,8 +346,10 @@ def learner_settings(cfg: DynalignConfig, single_user: bool = False) -> Dynalign
         cfg.gate = cfg.gate.cpu_sized()
     if single_user and "max_user_share" not in cfg.learner.model_fields_set:
         chosen = chosen.model_copy(update={"max_user_share": 1.0})
-        console.print("[yellow]single-user demo: max_user_share is off (1.0); a deployment "
-                      "keeps it at 0.25 so no one user can steer the model[/yellow]")
+        console.print(
+            "[yellow]single-user demo: max_user_share is off (1.0); a deployment "
+            "keeps it at 0.25 so no one user can steer the model[/yellow]"
+        )
     table = Table(title="learner settings" + ("" if has_gpu() else " (no GPU: CPU-sized)"))
     for column in ("setting", "paper (GPU default)", "this run"):
         table.add_column(column)
@@ -303,20 +363,32 @@ def learner_settings(cfg: DynalignConfig, single_user: bool = False) -> Dynalign
 
 @app.command()
 def learn(
-    config: ConfigOpt = None, model: ModelOpt = None, kafka: KafkaOpt = None,
-    prompts: Annotated[Optional[Path], typer.Option(
-        "--prompts", help="Bootstrap from a static JSONL prompt set instead of Kafka.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(
-        "--max-steps", help="Stop after this many steps (total, across restarts).")] = None,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    kafka: KafkaOpt = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts", help="Bootstrap from a static JSONL prompt set instead of Kafka."
+        ),
+    ] = None,
+    max_steps: Annotated[
+        int | None,
+        typer.Option("--max-steps", help="Stop after this many steps (total, across restarts)."),
+    ] = None,
     workdir: Annotated[Path, typer.Option(help="Checkpoints and scratch.")] = Path("runs/learner"),
-    reward_mode: Annotated[Optional[str], typer.Option(help="greedy | expected")] = None,
+    reward_mode: Annotated[str | None, typer.Option(help="greedy | expected")] = None,
     engine_arg: EngineArgOpt = None,
     single_user: Annotated[bool, typer.Option(hidden=True)] = False,
 ) -> None:
     """Consume interactions, self-score G rollouts per prompt, GRPO-update the LoRA adapter,
     and publish a candidate adapter version every K steps."""
-    cfg = config_or_exit(config, model={"path": model}, kafka={"bootstrap": kafka},
-                         learner={"reward_mode": reward_mode})  # before the slow imports
+    cfg = config_or_exit(
+        config,
+        model={"path": model},
+        kafka={"bootstrap": kafka},
+        learner={"reward_mode": reward_mode},
+    )  # before the slow imports
     from prometheus_client import start_http_server
 
     from learner.consumer import FilePromptSource, KafkaPromptSource
@@ -343,14 +415,19 @@ def learn(
             f"step {r.step:>5}  reward {r.reward_mean:.2f}±{r.reward_std:.2f}  "
             f"zero-var {r.zero_variance_groups:.0%}  unparsable {r.unparsable}  kl {r.kl:.4f}  "
             f"loss {r.loss:+.4f}  len {r.completion_tokens:.0f}  {r.tokens_per_s:.0f} tok/s  "
-            + " ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items()) + version, soft_wrap=True)
+            + " ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items())
+            + version,
+            soft_wrap=True,
+        )
 
     with _ending_descendants() as (cleanups, stopping):
         learner = Learner(cfg, workdir, source)
         cleanups.callback(learner.close)  # also after a setup that fails part way
         learner.setup()
-        console.print(f"learner: metrics on :{lc.metrics_port}/metrics, checkpoints in "
-                      f"{workdir}, candidates in {cfg.registry.store}")
+        console.print(
+            f"learner: metrics on :{lc.metrics_port}/metrics, checkpoints in "
+            f"{workdir}, candidates in {cfg.registry.store}"
+        )
         learner.run(max_steps=max_steps, on_step=progress, stop=stopping)
 
 

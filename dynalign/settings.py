@@ -21,6 +21,9 @@ def config_or_exit(config_file: Path | None = None, **flags: dict[str, Any]) -> 
     except ValidationError as exc:
         for error in exc.errors():
             field = ".".join(str(part) for part in error["loc"])
-            console.print(f"[red]configuration error:[/red] {field}: {error['msg']} "
-                          f"(got {error.get('input')!r})", soft_wrap=True)
+            console.print(
+                f"[red]configuration error:[/red] {field}: {error['msg']} "
+                f"(got {error.get('input')!r})",
+                soft_wrap=True,
+            )
         raise typer.Exit(2) from None

@@ -81,6 +81,6 @@ def restore(path: Path, model, optimizer) -> None:
 
 def trained_ranges(before: dict[str, int], after: dict[str, int]) -> dict[str, list[int]]:
     """Offsets read between two positions: "topic:p" -> [first, last] (inclusive)."""
-    return {key: [before.get(key, 0), end - 1] for key, end in after.items()
-            if end > before.get(key, 0)}
-
+    return {
+        key: [before.get(key, 0), end - 1] for key, end in after.items() if end > before.get(key, 0)
+    }

@@ -15,9 +15,10 @@ import json
 import logging
 import math
 from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 from kafka import OffsetAndMetadata, TopicPartition
 from pydantic import ValidationError
@@ -79,8 +80,10 @@ def training_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if last_user is None:
         raise Unusable("no_user_turn")
     try:
-        kept = [{"role": m.get("role"), "content": content_text(m.get("content"))}
-                for m in messages[: last_user + 1]]
+        kept = [
+            {"role": m.get("role"), "content": content_text(m.get("content"))}
+            for m in messages[: last_user + 1]
+        ]
     except NotText:
         raise Unusable("non_text_content") from None
     if not kept[-1]["content"].strip():
@@ -94,8 +97,9 @@ class PromptFilter:
     the last `remembered_keys` record ids and prompt hashes, and one principal may fill at most
     `max_user_share` of a batch."""
 
-    def __init__(self, fits: Callable[[list[dict]], None], remembered_keys: int,
-                 max_user_share: float | None) -> None:
+    def __init__(
+        self, fits: Callable[[list[dict]], None], remembered_keys: int, max_user_share: float | None
+    ) -> None:
         self.fits = fits
         self.remembered_keys = remembered_keys
         self.max_user_share = max_user_share
@@ -150,9 +154,14 @@ class KafkaPromptSource:
     both read every partition.
     """
 
-    def __init__(self, cfg: DynalignConfig, prompt_filter: PromptFilter,
-                 start_offsets: dict[str, int] | None = None,
-                 deferred: list[TrainingPrompt] | None = None, poll_timeout_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        cfg: DynalignConfig,
+        prompt_filter: PromptFilter,
+        start_offsets: dict[str, int] | None = None,
+        deferred: list[TrainingPrompt] | None = None,
+        poll_timeout_s: float = 1.0,
+    ) -> None:
         self.cfg = cfg
         self.topic = cfg.kafka.interactions_topic
         self.filter = prompt_filter
@@ -172,8 +181,9 @@ class KafkaPromptSource:
         """Assign every partition of the topic, new ones too (partitions can be added). A
         partition starts at the checkpoint's offset; without one, at the group's committed offset
         or else the beginning (kafka-python's own choice for an assigned partition)."""
-        partitions = {TopicPartition(self.topic, p)
-                      for p in self.consumer.partitions_for_topic(self.topic)}
+        partitions = {
+            TopicPartition(self.topic, p) for p in self.consumer.partitions_for_topic(self.topic)
+        }
         new = partitions - self.consumer.assignment()
         if not new:
             return
@@ -184,8 +194,7 @@ class KafkaPromptSource:
 
     def _messages(self):
         while True:
-            for message in self._pending:
-                yield message
+            yield from self._pending
             self._assign_new_partitions()  # metadata is cached: no request unless it changed
             batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
             if not batches:
@@ -225,7 +234,8 @@ class KafkaPromptSource:
                     break
         full = len(chosen) == size
         self._say_if_waiting_on_share_cap(
-            not full and len(self.deferred) > len(chosen), size, cap, len(per_principal))
+            not full and len(self.deferred) > len(chosen), size, cap, len(per_principal)
+        )
         if not full:
             return None
         batch = [self.deferred[i] for i in chosen]
@@ -240,14 +250,16 @@ class KafkaPromptSource:
         cannot crowd out the prompt from another principal that lets a batch form."""
         if len(self.deferred) >= self.cfg.learner.max_deferred_prompts:
             busiest, _ = Counter(p.principal_hash for p in self.deferred).most_common(1)[0]
-            del self.deferred[next(i for i, p in enumerate(self.deferred)
-                                   if p.principal_hash == busiest)]
+            del self.deferred[
+                next(i for i, p in enumerate(self.deferred) if p.principal_hash == busiest)
+            ]
             metrics.RECORDS_SKIPPED.labels("deferred_overflow").inc()
         self.deferred.append(prompt)
         metrics.DEFERRED_PROMPTS.set(len(self.deferred))
 
-    def _say_if_waiting_on_share_cap(self, waiting: bool, size: int, cap: int,
-                                     principals: int) -> None:
+    def _say_if_waiting_on_share_cap(
+        self, waiting: bool, size: int, cap: int, principals: int
+    ) -> None:
         """Log and export why no batch forms, once per change (not per poll)."""
         if waiting == self._waiting_on_share_cap:
             return
@@ -258,8 +270,13 @@ class KafkaPromptSource:
                 "waiting for prompts from more principals: a batch of %d prompts takes at most %d "
                 "from one principal (max_user_share %s), and the %d deferred prompts come from %d "
                 "principal(s); they wait (kept in checkpoints, at most %d) until others arrive",
-                size, cap, self.filter.max_user_share, len(self.deferred), principals,
-                self.cfg.learner.max_deferred_prompts)
+                size,
+                cap,
+                self.filter.max_user_share,
+                len(self.deferred),
+                principals,
+                self.cfg.learner.max_deferred_prompts,
+            )
         else:
             log.info("the share cap no longer holds prompts back")
 
@@ -292,8 +309,9 @@ class KafkaPromptSource:
         except ValidationError as exc:
             error = exc.errors()[0]
             raise Unreadable(f"invalid_record: {error['msg']} at {error['loc']}") from None
-        prompt = TrainingPrompt(record.id, record.principal_hash,
-                                training_messages(record.messages))
+        prompt = TrainingPrompt(
+            record.id, record.principal_hash, training_messages(record.messages)
+        )
         self.filter.check(prompt)
         return prompt
 
@@ -302,11 +320,15 @@ class KafkaPromptSource:
         log.warning("dead-letter %s: %s", _where(message), reason)
         try:
             self.dlq.send(
-                self.cfg.kafka.dlq_topic, key=message.key, value=message.value,
-                headers=[("reason", reason.encode(errors="backslashreplace")),
-                         ("source", _where(message).encode()),
-                         # kafka-python cannot send a null header value (the protocol can)
-                         *((k, v) for k, v in message.headers or [] if v is not None)],
+                self.cfg.kafka.dlq_topic,
+                key=message.key,
+                value=message.value,
+                headers=[
+                    ("reason", reason.encode(errors="backslashreplace")),
+                    ("source", _where(message).encode()),
+                    # kafka-python cannot send a null header value (the protocol can)
+                    *((k, v) for k, v in message.headers or [] if v is not None),
+                ],
             ).get(timeout=30)
         except Exception:  # the broker, or a record the producer refuses (too large, ...)
             log.exception("dead-letter send failed; skipping %s", _where(message))
@@ -317,8 +339,12 @@ class KafkaPromptSource:
     def commit(self, next_offsets: dict[str, int]) -> None:
         if not next_offsets:
             return
-        self.consumer.commit({_partition(key): OffsetAndMetadata(offset, "", -1)
-                              for key, offset in next_offsets.items()})
+        self.consumer.commit(
+            {
+                _partition(key): OffsetAndMetadata(offset, "", -1)
+                for key, offset in next_offsets.items()
+            }
+        )
 
     def lag(self) -> int:
         assigned = self.consumer.assignment()
@@ -338,14 +364,16 @@ class FilePromptSource:
     Its position is reported as the offset of a pseudo-partition "file:0", so checkpoints
     resume it like a Kafka source. Prompts that do not fit are skipped (logged, counted)."""
 
-    def __init__(self, path: Path, prompt_filter: PromptFilter,
-                 start_offsets: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, path: Path, prompt_filter: PromptFilter, start_offsets: dict[str, int] | None = None
+    ) -> None:
         self.prompts = []
         for number, row in read_jsonl(path):
             messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
             try:
-                prompt = TrainingPrompt(row.get("id", f"{path}:{number - 1}"), "file",
-                                        training_messages(messages))
+                prompt = TrainingPrompt(
+                    row.get("id", f"{path}:{number - 1}"), "file", training_messages(messages)
+                )
                 prompt_filter.fits(prompt.messages)
             except Unusable as skip:
                 log.warning("%s line %d skipped: %s", path, number, skip.reason)

@@ -46,8 +46,12 @@ def bin_shares(values: Sequence[float], edges: np.ndarray) -> np.ndarray:
     return counts / max(1, len(values))
 
 
-def psi(reference: Sequence[float], current: Sequence[float], edges: np.ndarray,
-        epsilon: float = PSI_EPSILON) -> float:
+def psi(
+    reference: Sequence[float],
+    current: Sequence[float],
+    edges: np.ndarray,
+    epsilon: float = PSI_EPSILON,
+) -> float:
     """Population stability index, sum (c - r) ln(c / r) over the bins, with epsilon smoothing.
     Rule of thumb: < 0.1 stable, 0.1-0.25 moderate, > 0.25 a real shift."""
     r = bin_shares(reference, edges) + epsilon
@@ -56,8 +60,9 @@ def psi(reference: Sequence[float], current: Sequence[float], edges: np.ndarray,
     return float(np.sum((c - r) * np.log(c / r)))
 
 
-def jensen_shannon(reference: Sequence[float], current: Sequence[float],
-                   edges: np.ndarray) -> float:
+def jensen_shannon(
+    reference: Sequence[float], current: Sequence[float], edges: np.ndarray
+) -> float:
     """Jensen-Shannon divergence in bits (base 2), so 0 (same) .. 1 (disjoint)."""
     p, q = bin_shares(reference, edges), bin_shares(current, edges)
     m = (p + q) / 2
@@ -123,13 +128,13 @@ class VersionedGauges:
         label = version_label(version)
         if label not in self.versions:
             self.versions.append(label)
-            for old in self.versions[:-self.keep]:
+            for old in self.versions[: -self.keep]:
                 for gauge in self.gauges:
                     try:
                         gauge.remove(old)
                     except KeyError:  # that version never had this gauge set
                         pass
-            del self.versions[:-self.keep]
+            del self.versions[: -self.keep]
         for gauge, value in values.items():
             if value is not None:  # None: not measured (yet); leave the series as it is
                 gauge.labels(label).set(value)
@@ -155,8 +160,13 @@ class DriftMonitor:
     Recent window: the last `window_size` rollouts, labelled with the version of the newest
     step; a version's series keeps the values it had when the next version took over."""
 
-    def __init__(self, reference_size: int = 256, window_size: int = 256,
-                 min_observations: int = 64, keep_versions: int = 5) -> None:
+    def __init__(
+        self,
+        reference_size: int = 256,
+        window_size: int = 256,
+        min_observations: int = 64,
+        keep_versions: int = 5,
+    ) -> None:
         # With 256 rollouts on each side, PSI between two samples of one distribution stays
         # under ~0.13 (99th percentile), well below the 0.25 alert threshold; windows with
         # fewer than `min_observations` rollouts give no PSI/JS at all.
@@ -168,10 +178,18 @@ class DriftMonitor:
         # (reward or NaN if unscored, length, zero-variance share of its step) per rollout
         self.window: deque[tuple[float, int, float]] = deque(maxlen=window_size)
         self.gauges = VersionedGauges(
-            [metrics.DRIFT_REWARD_PSI, metrics.DRIFT_REWARD_JS, metrics.DRIFT_REWARD_SATURATION,
-             metrics.DRIFT_ZERO_VARIANCE_GROUPS, metrics.DRIFT_COMPLETION_TOKENS_MEAN,
-             metrics.DRIFT_COMPLETION_TOKENS_P95, metrics.DRIFT_COMPLETION_TOKENS_PSI,
-             metrics.DRIFT_LENGTH_REWARD_SPEARMAN], keep_versions)
+            [
+                metrics.DRIFT_REWARD_PSI,
+                metrics.DRIFT_REWARD_JS,
+                metrics.DRIFT_REWARD_SATURATION,
+                metrics.DRIFT_ZERO_VARIANCE_GROUPS,
+                metrics.DRIFT_COMPLETION_TOKENS_MEAN,
+                metrics.DRIFT_COMPLETION_TOKENS_P95,
+                metrics.DRIFT_COMPLETION_TOKENS_PSI,
+                metrics.DRIFT_LENGTH_REWARD_SPEARMAN,
+            ],
+            keep_versions,
+        )
 
     @property
     def reference_ready(self) -> bool:
@@ -183,14 +201,19 @@ class DriftMonitor:
         self.reference_lengths = list(lengths)
         self._length_edges = length_edges(self.reference_lengths)
 
-    def observe_step(self, rewards: Sequence[float], lengths: Sequence[int],
-                     zero_variance_share: float, adapter_version: int | None) -> DriftSignals:
+    def observe_step(
+        self,
+        rewards: Sequence[float],
+        lengths: Sequence[int],
+        zero_variance_share: float,
+        adapter_version: int | None,
+    ) -> DriftSignals:
         """One learner step: every rollout's self-reward (NaN where it could not be scored) and
         token count, in the same order; the step's share of zero-variance groups; the version
         the policy descends from (None = base)."""
         if len(rewards) != len(lengths):
             raise ValueError(f"observe_step: {len(rewards)} rewards vs {len(lengths)} lengths")
-        for reward, length in zip(rewards, lengths):
+        for reward, length in zip(rewards, lengths, strict=True):
             if not self.reference_ready:
                 self.reference_lengths.append(length)
                 if not math.isnan(reward):
@@ -199,38 +222,48 @@ class DriftMonitor:
                     self._length_edges = length_edges(self.reference_lengths)
             self.window.append((float(reward), int(length), float(zero_variance_share)))
         signals = self.signals()
-        self.gauges.set(adapter_version, {
-            metrics.DRIFT_REWARD_PSI: signals.reward_psi,
-            metrics.DRIFT_REWARD_JS: signals.reward_js_bits,
-            metrics.DRIFT_REWARD_SATURATION: signals.reward_saturation,
-            metrics.DRIFT_ZERO_VARIANCE_GROUPS: signals.zero_variance_share,
-            metrics.DRIFT_COMPLETION_TOKENS_MEAN: signals.length_mean,
-            metrics.DRIFT_COMPLETION_TOKENS_P95: signals.length_p95,
-            metrics.DRIFT_COMPLETION_TOKENS_PSI: signals.length_psi,
-            metrics.DRIFT_LENGTH_REWARD_SPEARMAN: signals.length_reward_spearman,
-        })
+        self.gauges.set(
+            adapter_version,
+            {
+                metrics.DRIFT_REWARD_PSI: signals.reward_psi,
+                metrics.DRIFT_REWARD_JS: signals.reward_js_bits,
+                metrics.DRIFT_REWARD_SATURATION: signals.reward_saturation,
+                metrics.DRIFT_ZERO_VARIANCE_GROUPS: signals.zero_variance_share,
+                metrics.DRIFT_COMPLETION_TOKENS_MEAN: signals.length_mean,
+                metrics.DRIFT_COMPLETION_TOKENS_P95: signals.length_p95,
+                metrics.DRIFT_COMPLETION_TOKENS_PSI: signals.length_psi,
+                metrics.DRIFT_LENGTH_REWARD_SPEARMAN: signals.length_reward_spearman,
+            },
+        )
         return signals
 
     def signals(self) -> DriftSignals:
         if not self.window:
             raise ValueError("no rollouts observed yet")
-        rewards, lengths, zero_variance = (np.array(column, dtype=float)
-                                           for column in zip(*self.window))
+        rewards, lengths, zero_variance = (
+            np.array(column, dtype=float) for column in zip(*self.window, strict=True)
+        )
         scored = ~np.isnan(rewards)
         length_comparable = self.reference_ready and len(lengths) >= self.min_observations
-        reward_comparable = (self.reference_ready and len(self.reference_rewards) > 0
-                             and scored.sum() >= self.min_observations)
+        reward_comparable = (
+            self.reference_ready
+            and len(self.reference_rewards) > 0
+            and scored.sum() >= self.min_observations
+        )
         return DriftSignals(
             reward_psi=psi(self.reference_rewards, rewards[scored], REWARD_EDGES)
-            if reward_comparable else None,
+            if reward_comparable
+            else None,
             reward_js_bits=jensen_shannon(self.reference_rewards, rewards[scored], REWARD_EDGES)
-            if reward_comparable else None,
+            if reward_comparable
+            else None,
             reward_saturation=saturation(rewards[scored]),
             zero_variance_share=float(zero_variance.mean()),
             length_mean=float(lengths.mean()),
             length_p95=float(np.percentile(lengths, 95)),
             length_psi=psi(self.reference_lengths, lengths, self._length_edges)
-            if length_comparable else None,
+            if length_comparable
+            else None,
             length_reward_spearman=spearman(lengths[scored], rewards[scored]),
         )
 
@@ -238,14 +271,25 @@ class DriftMonitor:
 # The learner's monitor: Learner.step_once feeds it after every step.
 MONITOR = DriftMonitor()
 
-_EVALUATIONS = VersionedGauges([metrics.PROBE_KL, metrics.GATE_WIN_RATIO,
-                                metrics.IFEVAL_CANARY_ACCURACY], keep=5)
+_EVALUATIONS = VersionedGauges(
+    [metrics.PROBE_KL, metrics.GATE_WIN_RATIO, metrics.IFEVAL_CANARY_ACCURACY], keep=5
+)
 
 
-def record_gate_result(version: int | None, win_rate: float | None, probe_kl: float | None,
-                       ifeval_accuracy: float | None = None) -> None:
+def record_gate_result(
+    version: int | None,
+    win_rate: float | None,
+    probe_kl: float | None,
+    ifeval_accuracy: float | None = None,
+) -> None:
     """The gate's verdict on a version: pairwise win rate against live (None when no judgement
     was consistent), mean per-token KL to the base on the fixed probe prompts (nats), and the
     IFEval canary's prompt-level strict accuracy when the canary ran."""
-    _EVALUATIONS.set(version, {metrics.GATE_WIN_RATIO: win_rate, metrics.PROBE_KL: probe_kl,
-                               metrics.IFEVAL_CANARY_ACCURACY: ifeval_accuracy})
+    _EVALUATIONS.set(
+        version,
+        {
+            metrics.GATE_WIN_RATIO: win_rate,
+            metrics.PROBE_KL: probe_kl,
+            metrics.IFEVAL_CANARY_ACCURACY: ifeval_accuracy,
+        },
+    )

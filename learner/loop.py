@@ -20,9 +20,10 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -40,8 +41,9 @@ from shared.registry import WEIGHTS, base_fingerprint, verify_adapter
 
 log = logging.getLogger(__name__)
 
-RewardFn = Callable[[Sequence[list[dict[str, Any]]], Sequence[Sequence[Completion]]],
-                    list[list[float | None]]]
+RewardFn = Callable[
+    [Sequence[list[dict[str, Any]]], Sequence[Sequence[Completion]]], list[list[float | None]]
+]
 # (prompt filter, next offset per "topic:partition", deferred prompts) -> where prompts come from
 SourceFactory = Callable[[PromptFilter, dict[str, int], list[TrainingPrompt]], PromptSource]
 
@@ -91,8 +93,13 @@ class Learner:
         continues from `live`, now and after any restart: the registry's verdict is the durable
         record of it, read at every setup."""
 
-    def __init__(self, cfg: DynalignConfig, workdir: Path, source_factory: SourceFactory,
-                 reward_fn: RewardFn | None = None) -> None:
+    def __init__(
+        self,
+        cfg: DynalignConfig,
+        workdir: Path,
+        source_factory: SourceFactory,
+        reward_fn: RewardFn | None = None,
+    ) -> None:
         self.cfg = cfg
         self.workdir = Path(workdir)
         self.source_factory = source_factory
@@ -104,7 +111,7 @@ class Learner:
         self.source: PromptSource | None = None
         self.engine: RolloutEngine | None = None
 
-    def setup(self) -> "Learner":
+    def setup(self) -> Learner:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from shared.engine import resolve_model_path
@@ -126,8 +133,11 @@ class Learner:
         self.fingerprint = base_fingerprint(self.model_path)
         self.engine = RolloutEngine(self.cfg.model, lc, self.workdir / "rollout")
         self.reward_fn = self.reward_fn or self.engine.self_scores
-        self.gate = (Gate(self.cfg.gate, self.engine, self.model, self.layers, self.tokenizer)
-                     if self.cfg.gate.enabled else None)
+        self.gate = (
+            Gate(self.cfg.gate, self.engine, self.model, self.layers, self.tokenizer)
+            if self.cfg.gate.enabled
+            else None
+        )
 
         resumed = checkpoint.latest(self.workdir)
         if resumed:
@@ -135,12 +145,19 @@ class Learner:
             checkpoint.restore(path, self.model, self.optimizer)
             self.step, self.offsets = state.step, dict(state.next_offsets)
             self.deferred = list(state.deferred)
-            log.info("resumed from %s (step %d, offsets %s, %d deferred prompts)", path.name,
-                     self.step, self.offsets, len(self.deferred))
+            log.info(
+                "resumed from %s (step %d, offsets %s, %d deferred prompts)",
+                path.name,
+                self.step,
+                self.offsets,
+                len(self.deferred),
+            )
         self.checkpoint_offsets = dict(self.offsets)
         prompt_filter = PromptFilter(
             lambda messages: check_fits(self.tokenizer, messages, lc, self.engine.max_model_len),
-            lc.dedupe_keys, lc.max_user_share)
+            lc.dedupe_keys,
+            lc.max_user_share,
+        )
         self.source = self.source_factory(prompt_filter, self.offsets, self.deferred)
         if resumed:
             # A crash may have come between checkpoint and publish, publish and commit, or
@@ -157,9 +174,13 @@ class Learner:
     def prompts_per_step(self) -> int:
         return max(1, self.cfg.learner.batch_completions // self.cfg.learner.group_size)
 
-    def run(self, max_steps: int | None = None, max_idle_polls: int | None = None,
-            on_step: Callable[[StepReport], None] | None = None,
-            stop: threading.Event | None = None) -> None:
+    def run(
+        self,
+        max_steps: int | None = None,
+        max_idle_polls: int | None = None,
+        on_step: Callable[[StepReport], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
         """Step until `max_steps` (total, across restarts), until the source stays empty for
         `max_idle_polls` polls (None = forever), or until `stop` is set."""
         while (max_steps is None or self.step < max_steps) and not (stop and stop.is_set()):
@@ -183,19 +204,25 @@ class Learner:
         scores = self.reward_fn(conversations, candidates)
         t3 = time.perf_counter()
 
-        rewards = torch.tensor([[float("nan") if s is None else s for s in row] for row in scores],
-                               dtype=torch.float32)  # [P, G]
+        rewards = torch.tensor(
+            [[float("nan") if s is None else s for s in row] for row in scores], dtype=torch.float32
+        )  # [P, G]
         valid = ~rewards.isnan()
         advantages = group_advantages(rewards, valid)  # [P, G]
-        examples = [training_inputs(self.tokenizer, conv, cand.token_ids)
-                    for conv, group in zip(conversations, candidates) for cand in group]
+        examples = [
+            training_inputs(self.tokenizer, conv, cand.token_ids)
+            for conv, group in zip(conversations, candidates, strict=True)
+            for cand in group
+        ]
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id
         batch_tensors = collate(examples, pad_id)
         batch_tensors["advantages"] = advantages.flatten()
-        passes = [{k: v.to(self.device) for k, v in mb.items()}
-                  for mb in micro_batches(batch_tensors, lc.micro_batch_completions)]
+        passes = [
+            {k: v.to(self.device) for k, v in mb.items()}
+            for mb in micro_batches(batch_tensors, lc.micro_batch_completions)
+        ]
         stats = grpo_step(self.model, self.layers, self.optimizer, passes, lc)
         self.engine.load_policy(self.model.save_pretrained)
         t4 = time.perf_counter()
@@ -205,7 +232,9 @@ class Learner:
         self.deferred = batch.deferred
         lengths = [len(c.token_ids) for group in candidates for c in group]
         scored = rewards[valid]
-        zero_variance = [row[v].unique().numel() <= 1 for row, v in zip(rewards, valid)]
+        zero_variance = [
+            row[v].unique().numel() <= 1 for row, v in zip(rewards, valid, strict=True)
+        ]
         report = StepReport(
             step=self.step,
             reward_mean=scored.mean().item() if scored.numel() else float("nan"),
@@ -221,8 +250,9 @@ class Learner:
         )
         self._export(report, scored, lengths)
         # Rewards stay [P*G] with NaN for unscored candidates so they pair with `lengths`.
-        drift.MONITOR.observe_step(rewards.flatten().tolist(), lengths,
-                                   report.zero_variance_groups, self.parent_version)
+        drift.MONITOR.observe_step(
+            rewards.flatten().tolist(), lengths, report.zero_variance_groups, self.parent_version
+        )
         _crash_point("mid-step")
         if self.step % lc.checkpoint_every_steps == 0:
             report.candidate_version = self.checkpoint(report)
@@ -267,8 +297,9 @@ class Learner:
         from safetensors.torch import load as load_safetensors
 
         registry = self.lifecycle.registry
-        verified = verify_adapter(registry.path(version), self.fingerprint,
-                                  self.cfg.learner.lora_rank)
+        verified = verify_adapter(
+            registry.path(version), self.fingerprint, self.cfg.learner.lora_rank
+        )
         if verified.problems:
             self.lifecycle.reject(version, "gate", "; ".join(verified.problems))
             return
@@ -286,8 +317,11 @@ class Learner:
             shutil.rmtree(judged, ignore_errors=True)
         drift.record_gate_result(version, result.win_rate, result.kl, result.ifeval_candidate)
         _, action = self.lifecycle.record_verdict(
-            version, result.model_dump(), hashlib.sha256(weights).hexdigest(),
-            self.cfg.gate.auto_promote)
+            version,
+            result.model_dump(),
+            hashlib.sha256(weights).hexdigest(),
+            self.cfg.gate.auto_promote,
+        )
         log.info("gate v%d: %s (%s)", version, action, "; ".join(result.reasons) or "passed")
 
     def _continue_from_live(self, why: str) -> bool:
@@ -317,11 +351,15 @@ class Learner:
     def _publish(self, path: Path, state: CheckpointState) -> int:
         """The checkpoint's candidate version (published now unless a crash came after it was)."""
         manifest = self.lifecycle.publish(
-            path / "adapter", lineage=f"{self.run_id}/{state.name}",
+            path / "adapter",
+            lineage=f"{self.run_id}/{state.name}",
             parent_version=state.parent_version,
             base_model=self.cfg.model.path or Path(self.model_path).name,
-            base_fingerprint=self.fingerprint, trained_offsets=state.trained_offsets,
-            steps=state.step, metrics=state.metrics)
+            base_fingerprint=self.fingerprint,
+            trained_offsets=state.trained_offsets,
+            steps=state.step,
+            metrics=state.metrics,
+        )
         metrics.LAST_CANDIDATE_VERSION.set(manifest.version)
         return manifest.version
 

@@ -6,8 +6,8 @@ for a fresh adapter (its B matrix starts at zero, so the reference is the base m
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -106,8 +106,9 @@ def grpo_step(
     batch the old policy is the current one: old_logp = logp.detach() (ratio 1 in value, the
     gradient of the surrogate still flows). Returns detached 0-dim stats of the whole step;
     nothing here waits for the device."""
-    amp = torch.autocast(batches[0]["input_ids"].device.type, torch.bfloat16,
-                         enabled=cfg.train_dtype == "bfloat16")
+    amp = torch.autocast(
+        batches[0]["input_ids"].device.type, torch.bfloat16, enabled=cfg.train_dtype == "bfloat16"
+    )
     n_tokens = sum(b["completion_mask"].sum() for b in batches)
     totals: dict[str, Tensor] = {}
     for b in batches:
@@ -118,8 +119,9 @@ def grpo_step(
                 ref = sequence_logprobs(model, ids, am, cm, cfg.temperature)
         with amp:
             logp = sequence_logprobs(model, ids, am, cm, cfg.temperature)
-        loss, stats = grpo_loss(logp, logp.detach(), ref, b["advantages"], cm, cfg.clip_eps,
-                                cfg.kl_beta, n_tokens)
+        loss, stats = grpo_loss(
+            logp, logp.detach(), ref, b["advantages"], cm, cfg.clip_eps, cfg.kl_beta, n_tokens
+        )
         loss.backward()
         stats["loss"] = loss.detach()
         for key, value in stats.items():  # each is already a share of the whole step's tokens

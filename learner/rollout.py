@@ -10,9 +10,10 @@ from __future__ import annotations
 import itertools
 import math
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from learner.consumer import Unusable
 from learner.grpo import prompt_ids, rollout_messages
@@ -39,14 +40,16 @@ def judge_request(messages: list[dict[str, Any]], response: str) -> list[dict[st
     *history, last = messages
     request = content_text(last.get("content"))
     if history:
-        transcript = "\n".join(f"{m.get('role')}: {content_text(m.get('content'))}"
-                               for m in history)
+        transcript = "\n".join(
+            f"{m.get('role')}: {content_text(m.get('content'))}" for m in history
+        )
         request = f"{transcript}\nuser: {request}"
     return [{"role": "user", "content": reward_prompt(request, response)}]
 
 
-def check_fits(tokenizer: Any, messages: list[dict[str, Any]], cfg: LearnerConfig,
-               max_model_len: int) -> None:
+def check_fits(
+    tokenizer: Any, messages: list[dict[str, Any]], cfg: LearnerConfig, max_model_len: int
+) -> None:
     """Raise Unusable unless `messages` render in the three ways the learner uses them and fit:
     as trained on (at most max_prompt_tokens), and in the engine (max_model_len) both when rolled
     out under the CA system prompt and when judged around an answer of max_new_tokens."""
@@ -62,14 +65,18 @@ def check_fits(tokenizer: Any, messages: list[dict[str, Any]], cfg: LearnerConfi
         raise Unusable("too_long_for_model")
 
 
-def judgeable(tokenizer: Any, requests: Sequence[list[dict[str, str]]], reward_mode: str,
-              max_model_len: int) -> list[int]:
+def judgeable(
+    tokenizer: Any, requests: Sequence[list[dict[str, str]]], reward_mode: str, max_model_len: int
+) -> list[int]:
     """Indices of the judge requests the engine can take. check_fits budgets max_new_tokens for
     the answer, but the answer's text re-tokenised inside the judge prompt can come out longer
     (a character cut at the token limit decodes to U+FFFD, ...); vLLM refuses a prompt that
     leaves no room, failing the whole batch, so such a candidate stays unscored instead."""
-    return [i for i, request in enumerate(requests)
-            if len(prompt_ids(tokenizer, request)) + JUDGE_TOKENS[reward_mode] <= max_model_len]
+    return [
+        i
+        for i, request in enumerate(requests)
+        if len(prompt_ids(tokenizer, request)) + JUDGE_TOKENS[reward_mode] <= max_model_len
+    ]
 
 
 class RolloutEngine:
@@ -82,8 +89,9 @@ class RolloutEngine:
         # Slots for the policy, the version being swapped in, and the gate's live version.
         # Processed log-probs are taken after `allowed_token_ids` masks the vocabulary: over a
         # few allowed tokens they are exactly the model's distribution renormalised over them.
-        self.llm = LLM(**learner_engine_kwargs(model_cfg, max_loras=3),
-                       logprobs_mode="processed_logprobs")
+        self.llm = LLM(
+            **learner_engine_kwargs(model_cfg, max_loras=3), logprobs_mode="processed_logprobs"
+        )
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.digit_ids = [self.single_token_id(d) for d in "012345"]
@@ -100,8 +108,9 @@ class RolloutEngine:
         """The one token that spells `text` alone ("0".."5" are ids 32-37 in SmolLM2)."""
         encoded = self.tokenizer.encode(text, add_special_tokens=False)
         if len(encoded) != 1:
-            raise ValueError(f"{text!r} is not one token in this tokenizer ({encoded}); "
-                             "use reward_mode='greedy'")
+            raise ValueError(
+                f"{text!r} is not one token in this tokenizer ({encoded}); use reward_mode='greedy'"
+            )
         return encoded[0]
 
     def lora_request(self, path: Path, prefix: str = "adapter"):
@@ -130,62 +139,79 @@ class RolloutEngine:
         """G candidates per conversation, with the CA system prompt in front (paper Table 5)."""
         from vllm import SamplingParams
 
-        params = SamplingParams(n=self.cfg.group_size, temperature=self.cfg.temperature,
-                                top_p=self.cfg.top_p, max_tokens=self.cfg.max_new_tokens)
+        params = SamplingParams(
+            n=self.cfg.group_size,
+            temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            max_tokens=self.cfg.max_new_tokens,
+        )
         return self._chat([rollout_messages(c) for c in conversations], params, self.lora)
 
-    def greedy(self, conversations: Sequence[list[dict[str, Any]]], lora,
-               max_tokens: int) -> list[Completion]:
+    def greedy(
+        self, conversations: Sequence[list[dict[str, Any]]], lora, max_tokens: int
+    ) -> list[Completion]:
         """How a version answers users: greedy, no CA system prompt."""
         from vllm import SamplingParams
 
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
         return [group[0] for group in self._chat(list(conversations), params, lora)]
 
-    def token_distribution(self, requests: Sequence[list[dict[str, str]]],
-                           token_ids: list[int], lora) -> list[tuple[float, ...]]:
+    def token_distribution(
+        self, requests: Sequence[list[dict[str, str]]], token_ids: list[int], lora
+    ) -> list[tuple[float, ...]]:
         """For each chat, the next-token probabilities of `token_ids`, renormalised over them."""
         from vllm import SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=len(token_ids),
-                                allowed_token_ids=token_ids)
+        params = SamplingParams(
+            temperature=0.0, max_tokens=1, logprobs=len(token_ids), allowed_token_ids=token_ids
+        )
         outputs = self.llm.chat(list(requests), params, lora_request=lora, use_tqdm=False)
         dists = []
         for out in outputs:
             logprobs = out.outputs[0].logprobs[0]
-            dists.append(tuple(math.exp(logprobs[t].logprob) if t in logprobs else 0.0
-                               for t in token_ids))
+            dists.append(
+                tuple(math.exp(logprobs[t].logprob) if t in logprobs else 0.0 for t in token_ids)
+            )
         return dists
 
-    def self_scores(self, conversations: Sequence[list[dict[str, Any]]],
-                    candidates: Sequence[Sequence[Completion]],
-                    lora=None) -> list[list[float | None]]:
+    def self_scores(
+        self,
+        conversations: Sequence[list[dict[str, Any]]],
+        candidates: Sequence[Sequence[Completion]],
+        lora=None,
+    ) -> list[list[float | None]]:
         """The policy judges each candidate 0-5 with the paper's reward prompt, greedily.
         `greedy` parses the text; `expected` is the probability-weighted mean digit at the
         first answer position. None = unparsable, or too long to judge (see judgeable)."""
-        requests = [judge_request(conv, cand.text)
-                    for conv, group in zip(conversations, candidates) for cand in group]
+        requests = [
+            judge_request(conv, cand.text)
+            for conv, group in zip(conversations, candidates, strict=True)
+            for cand in group
+        ]
         scorable = judgeable(self.tokenizer, requests, self.cfg.reward_mode, self.max_model_len)
         flat: list[float | None] = [None] * len(requests)
         if scorable:
             scores = self._judge([requests[i] for i in scorable], lora or self.lora)
-            for i, score in zip(scorable, scores):
+            for i, score in zip(scorable, scores, strict=True):
                 flat[i] = score
         bounds = list(itertools.accumulate([0] + [len(group) for group in candidates]))
-        return [flat[a:b] for a, b in zip(bounds, bounds[1:])]
+        return [flat[a:b] for a, b in itertools.pairwise(bounds)]
 
     def _judge(self, requests: list[list[dict[str, str]]], lora) -> list[float | None]:
         from vllm import SamplingParams
 
         if self.cfg.reward_mode == "expected":
-            return [expected_score({str(d): math.log(p) for d, p in enumerate(dist) if p > 0})
-                    for dist in self.token_distribution(requests, self.digit_ids, lora)]
+            return [
+                expected_score({str(d): math.log(p) for d, p in enumerate(dist) if p > 0})
+                for dist in self.token_distribution(requests, self.digit_ids, lora)
+            ]
         params = SamplingParams(temperature=0.0, max_tokens=JUDGE_TOKENS["greedy"])
         outputs = self.llm.chat(requests, params, lora_request=lora, use_tqdm=False)
         return [parse_score(out.outputs[0].text) for out in outputs]
 
     def _chat(self, conversations, params, lora) -> list[list[Completion]]:
         outputs = self.llm.chat(conversations, params, lora_request=lora, use_tqdm=False)
-        return [[Completion(list(o.token_ids), o.text, o.finish_reason) for o in out.outputs]
-                for out in outputs]
-
+        return [
+            [Completion(list(o.token_ids), o.text, o.finish_reason) for o in out.outputs]
+            for out in outputs
+        ]

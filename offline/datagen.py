@@ -25,7 +25,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
@@ -85,7 +85,7 @@ Status = Literal["kept", "rejected_round_limit", "duplicate"]
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class GoalRecord(BaseModel):

@@ -40,8 +40,14 @@ class AdapterRefused(ValueError):
 
 
 class AdapterFollower:
-    def __init__(self, cfg: DynalignConfig, registry: Registry, aliases: AliasTable,
-                 serving_models, fingerprint: str) -> None:
+    def __init__(
+        self,
+        cfg: DynalignConfig,
+        registry: Registry,
+        aliases: AliasTable,
+        serving_models,
+        fingerprint: str,
+    ) -> None:
         self.cfg = cfg
         self.registry = registry
         self.aliases = aliases
@@ -74,16 +80,21 @@ class AdapterFollower:
 
         if version not in self.registry.versions():
             raise AdapterRefused(f"v{version} does not exist in the registry")
-        verified = await asyncio.to_thread(verify_adapter, self.registry.path(version),
-                                           self.fingerprint, self.cfg.model.max_lora_rank)
+        verified = await asyncio.to_thread(
+            verify_adapter,
+            self.registry.path(version),
+            self.fingerprint,
+            self.cfg.model.max_lora_rank,
+        )
         if verified.problems:
             for problem in verified.problems:
                 metrics.ADAPTER_SWAP_FAILURES.labels(_reason(problem)).inc()
             raise AdapterRefused("; ".join(verified.problems))
         name = self.aliases.engine_name(version)
         private = await asyncio.to_thread(verified.materialize, self._loaded_dir / name)
-        result = await self.serving_models.load_lora_adapter(LoadLoRAAdapterRequest(
-            lora_name=name, lora_path=str(private)))
+        result = await self.serving_models.load_lora_adapter(
+            LoadLoRAAdapterRequest(lora_name=name, lora_path=str(private))
+        )
         if isinstance(result, ErrorResponse):
             metrics.ADAPTER_SWAP_FAILURES.labels("engine").inc()
             raise AdapterRefused(f"v{version}: the engine refused it: {result.error.message}")
@@ -139,8 +150,11 @@ class AdapterFollower:
                 self.aliases.live_version = target  # the switch: one assignment
                 metrics.ADAPTER_SWAPS.inc()
                 metrics.LIVE_ADAPTER_VERSION.set(target or 0)
-                log.info("alias %s -> %s", self.aliases.served_name,
-                         "base" if target is None else f"v{target}")
+                log.info(
+                    "alias %s -> %s",
+                    self.aliases.served_name,
+                    "base" if target is None else f"v{target}",
+                )
                 await self._evict()
             self.applied_revision = state.revision
             self._refused = None
@@ -160,7 +174,7 @@ class AdapterFollower:
                 log.exception("adapter sync failed; retrying")
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=poll_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
 
@@ -171,8 +185,9 @@ class AdapterFollower:
         def watch() -> None:
             while not self._stop.is_set():
                 try:
-                    c = consumer(self.cfg.kafka.bootstrap, group_id=None,
-                                 auto_offset_reset="latest")
+                    c = consumer(
+                        self.cfg.kafka.bootstrap, group_id=None, auto_offset_reset="latest"
+                    )
                     c.subscribe([self.cfg.kafka.adapters_topic])
                     while not self._stop.is_set():
                         if c.poll(timeout_ms=500):

@@ -36,14 +36,25 @@ def describe(registry, state: RegistryState, loaded: set[int]) -> dict:
     versions = []
     for version in registry.versions():
         manifest = registry.manifest(version)
-        versions.append({
-            "version": version, "state": state.states.get(version, "candidate"),
-            "loaded": version in loaded, "parent_version": manifest.parent_version,
-            "steps": manifest.steps, "created_at": manifest.created_at.isoformat(),
-            "metrics": manifest.metrics, "gate": state.gate_results.get(version),
-        })
-    return {"live": state.live, "pinned": state.pinned, "learning_paused": state.learning_paused,
-            "revision": state.revision, "versions": versions}
+        versions.append(
+            {
+                "version": version,
+                "state": state.states.get(version, "candidate"),
+                "loaded": version in loaded,
+                "parent_version": manifest.parent_version,
+                "steps": manifest.steps,
+                "created_at": manifest.created_at.isoformat(),
+                "metrics": manifest.metrics,
+                "gate": state.gate_results.get(version),
+            }
+        )
+    return {
+        "live": state.live,
+        "pinned": state.pinned,
+        "learning_paused": state.learning_paused,
+        "revision": state.revision,
+        "versions": versions,
+    }
 
 
 async def _apply(raw_request: Request, change) -> dict:
@@ -68,28 +79,36 @@ async def list_adapters(raw_request: Request, actor: str = Depends(require_opera
 
 
 @router.post("/adapters/{version}/promote")
-async def promote(version: int, body: PromoteBody, raw_request: Request,
-                  actor: str = Depends(require_operator)) -> dict:
+async def promote(
+    version: int, body: PromoteBody, raw_request: Request, actor: str = Depends(require_operator)
+) -> dict:
     state = server_state(raw_request)
     # Refuse before the alias moves: the registry never points at unservable weights.
-    problems = await asyncio.to_thread(state.lifecycle.servable_problems, version,
-                                       state.follower.fingerprint, state.cfg.model.max_lora_rank)
+    problems = await asyncio.to_thread(
+        state.lifecycle.servable_problems,
+        version,
+        state.follower.fingerprint,
+        state.cfg.model.max_lora_rank,
+    )
     if problems:
         status = HTTPStatus.CONFLICT if "does not exist" in problems[0] else HTTPStatus.BAD_REQUEST
         raise HTTPException(status, "; ".join(problems))
-    return await _apply(raw_request, lambda lc: lc.promote(version, actor, body.reason,
-                                                           override=body.override))
+    return await _apply(
+        raw_request, lambda lc: lc.promote(version, actor, body.reason, override=body.override)
+    )
 
 
 @router.post("/adapters/rollback")
-async def rollback(body: RollbackBody, raw_request: Request,
-                   actor: str = Depends(require_operator)) -> dict:
+async def rollback(
+    body: RollbackBody, raw_request: Request, actor: str = Depends(require_operator)
+) -> dict:
     return await _apply(raw_request, lambda lc: lc.rollback(actor, to=body.to, reason=body.reason))
 
 
 def _flag_route(path: str, action: str) -> None:
-    async def handler(body: ActionBody, raw_request: Request,
-                      actor: str = Depends(require_operator)) -> dict:
+    async def handler(
+        body: ActionBody, raw_request: Request, actor: str = Depends(require_operator)
+    ) -> dict:
         return await _apply(raw_request, lambda lc: lc.set_flag(action, actor, body.reason))
 
     router.post(path, name=action.replace("-", "_"))(handler)

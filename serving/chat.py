@@ -14,10 +14,11 @@ import json
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from http import HTTPStatus
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import Request
 
@@ -26,8 +27,8 @@ from serving.aliases import Route, UnknownModel
 from serving.deps import Caller, ServerState
 from serving.limits import Permit
 from serving.optout import parse_flag
-from shared.vllm_compat import ChatCompletionRequest, ChatCompletionResponse, StreamOptions
 from shared.schemas import Choice, InteractionRecord, SamplingParams, Usage, utc_now
+from shared.vllm_compat import ChatCompletionRequest, ChatCompletionResponse, StreamOptions
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ class BadRequest(ValueError):
 
 
 # -- who, which conversation, may it be logged ----------------------------------------------------
-def identities(state: ServerState, caller: Caller, request: ChatCompletionRequest) -> tuple[str, str]:
+def identities(
+    state: ServerState, caller: Caller, request: ChatCompletionRequest
+) -> tuple[str, str]:
     """(principal_hash, user_hash). `user` only subdivides a principal, so varying it never
     widens one client's share of training."""
     user = f"{caller.principal}\0{request.user}" if request.user else caller.principal
@@ -65,19 +68,26 @@ def _metadata(request: ChatCompletionRequest) -> dict[str, Any]:
     return metadata
 
 
-def conversation_ids(messages: list[dict[str, Any]], user_hash: str, raw_request: Request,
-                     request: ChatCompletionRequest) -> tuple[str, str]:
+def conversation_ids(
+    messages: list[dict[str, Any]],
+    user_hash: str,
+    raw_request: Request,
+    request: ChatCompletionRequest,
+) -> tuple[str, str]:
     """(the conversation id records carry, the derived one). Derived: later turns resend the
     same opening, so hashing the user and the first message groups a conversation's turns."""
     opening = json.dumps(messages[:1], sort_keys=True, default=str)
     derived = hashlib.sha256(f"{user_hash}\0{opening}".encode()).hexdigest()[:32]
     given = raw_request.headers.get(CONVERSATION_HEADER) or _metadata(request).get(
-        "conversation_id")
+        "conversation_id"
+    )
     if given is None or given == "":
         return derived, derived
     if not isinstance(given, str) or not _CONVERSATION_ID.match(given):
-        raise BadRequest("conversation id must be 1-256 printable ASCII characters without "
-                         "spaces", "metadata.conversation_id")
+        raise BadRequest(
+            "conversation id must be 1-256 printable ASCII characters without spaces",
+            "metadata.conversation_id",
+        )
     return given, derived
 
 
@@ -102,8 +112,11 @@ def check_unicode(body: Any) -> None:
     try:
         json.dumps(body, ensure_ascii=False).encode()
     except UnicodeEncodeError as exc:
-        raise BadRequest(f"The request is not valid Unicode text: {exc.reason} "
-                         f"({exc.object[exc.start:exc.end]!r})", "messages") from None
+        raise BadRequest(
+            f"The request is not valid Unicode text: {exc.reason} "
+            f"({exc.object[exc.start : exc.end]!r})",
+            "messages",
+        ) from None
 
 
 def check_caps(state: ServerState, n: int | None, max_tokens: int | None) -> None:
@@ -111,8 +124,10 @@ def check_caps(state: ServerState, n: int | None, max_tokens: int | None) -> Non
     if (n or 1) > caps.max_n:
         raise BadRequest(f"n={n} exceeds this server's limit of {caps.max_n}", "n")
     if max_tokens is not None and max_tokens > caps.max_tokens:
-        raise BadRequest(f"max_tokens={max_tokens} exceeds this server's limit of "
-                         f"{caps.max_tokens}", "max_tokens")
+        raise BadRequest(
+            f"max_tokens={max_tokens} exceeds this server's limit of {caps.max_tokens}",
+            "max_tokens",
+        )
 
 
 # -- which weights answer -------------------------------------------------------------------------
@@ -130,8 +145,10 @@ async def resolve(state: ServerState, model: str, caller: Caller) -> Route:
     if version is not None and caller.operator is None:
         status = state.follower.registry_state.states.get(version, "candidate")
         if status not in ("live", "retired"):
-            raise PermissionError(f"v{version} is {status}: only versions that were live can be "
-                                  "pinned with a chat key; operators can pin it")
+            raise PermissionError(
+                f"v{version} is {status}: only versions that were live can be "
+                "pinned with a chat key; operators can pin it"
+            )
     if route is None:
         await state.follower.ensure_loaded(version)
         route = state.aliases.resolve(model)
@@ -199,9 +216,12 @@ class Interaction:
             messages=self.messages,
             response=choices,
             sampling=SamplingParams(
-                temperature=req.temperature, top_p=req.top_p,
+                temperature=req.temperature,
+                top_p=req.top_p,
                 max_tokens=req.max_completion_tokens or req.max_tokens,
-                n=req.n or 1, seed=req.seed, stop=stop,
+                n=req.n or 1,
+                seed=req.seed,
+                stop=stop,
             ),
             usage=usage or Usage(),
             latency_ms=latency_s * 1000,
@@ -212,8 +232,9 @@ class Interaction:
         return record.id
 
 
-async def start_interaction(state: ServerState, caller: Caller, request: ChatCompletionRequest,
-                            raw_request: Request) -> Interaction:
+async def start_interaction(
+    state: ServerState, caller: Caller, request: ChatCompletionRequest, raw_request: Request
+) -> Interaction:
     """Everything dynalign decides before the engine runs. Raises BadRequest, PermissionError,
     UnknownModel, AdapterRefused or LimitExceeded; holds nothing when it raises."""
     check_caps(state, request.n, request.max_completion_tokens or request.max_tokens)
@@ -230,9 +251,17 @@ async def start_interaction(state: ServerState, caller: Caller, request: ChatCom
         train = False  # an earlier turn opted out; this turn carries it in its history
         metrics.INTERACTIONS_OPTED_OUT.inc()
     permit, route = await admit(state, caller, request.model)
-    return Interaction(state=state, route=route, permit=permit, request=request,
-                       messages=messages, principal=principal, user=user,
-                       conversation=conversation, log_for_training=train)
+    return Interaction(
+        state=state,
+        route=route,
+        permit=permit,
+        request=request,
+        messages=messages,
+        principal=principal,
+        user=user,
+        conversation=conversation,
+        log_for_training=train,
+    )
 
 
 async def admit(state: ServerState, caller: Caller, model: str) -> tuple[Permit, Route]:
@@ -257,16 +286,21 @@ async def serve_chat(interaction: Interaction, raw_request: Request):
     headers = {VERSION_HEADER: interaction.version_label}
     try:
         result = await raw_request.app.state.openai_serving_chat.create_chat_completion(
-            request, raw_request)
+            request, raw_request
+        )
     except BaseException:  # cancelled by a disconnect, or an engine error
         interaction.release()
         raise
     if isinstance(result, ChatCompletionResponse):
-        choices = [Choice(index=c.index, content=c.message.content or "",
-                          finish_reason=c.finish_reason) for c in result.choices]
-        usage = Usage(prompt_tokens=result.usage.prompt_tokens,
-                      completion_tokens=result.usage.completion_tokens or 0,
-                      total_tokens=result.usage.total_tokens)
+        choices = [
+            Choice(index=c.index, content=c.message.content or "", finish_reason=c.finish_reason)
+            for c in result.choices
+        ]
+        usage = Usage(
+            prompt_tokens=result.usage.prompt_tokens,
+            completion_tokens=result.usage.completion_tokens or 0,
+            total_tokens=result.usage.total_tokens,
+        )
         record_id = interaction.finish(HTTPStatus.OK, choices, usage)
         if record_id:
             headers[INTERACTION_HEADER] = record_id
@@ -285,14 +319,23 @@ async def serve_completion(state: ServerState, caller: Caller, request, raw_requ
     check_caps(state, request.n, request.max_tokens)
     check_unicode(await raw_request.json())
     permit, route = await admit(state, caller, request.model)
-    interaction = Interaction(state=state, route=route, permit=permit, request=request,
-                              messages=[], principal="", user="", conversation="",
-                              log_for_training=False)
+    interaction = Interaction(
+        state=state,
+        route=route,
+        permit=permit,
+        request=request,
+        messages=[],
+        principal="",
+        user="",
+        conversation="",
+        log_for_training=False,
+    )
     request.model = route.engine_model
     headers = {VERSION_HEADER: interaction.version_label}
     try:
         result = await raw_request.app.state.openai_serving_completion.create_completion(
-            request, raw_request)
+            request, raw_request
+        )
     except BaseException:
         interaction.release()
         raise
@@ -305,8 +348,9 @@ async def serve_completion(state: ServerState, caller: Caller, request, raw_requ
     return logged_stream(interaction, result, client_wants_usage=True), headers
 
 
-async def logged_stream(interaction: Interaction, chunks: AsyncIterator[str],
-                        client_wants_usage: bool) -> AsyncIterator[str]:
+async def logged_stream(
+    interaction: Interaction, chunks: AsyncIterator[str], client_wants_usage: bool
+) -> AsyncIterator[str]:
     """Pass vLLM's SSE chunks through unchanged while collecting text, finish reasons and usage.
     We always ask vLLM for usage (the record needs it) and drop that last chunk when the client
     did not ask for it."""
@@ -339,9 +383,10 @@ async def logged_stream(interaction: Interaction, chunks: AsyncIterator[str],
             interaction.finish(HTTPStatus.INTERNAL_SERVER_ERROR, [], usage)
             return
         indices = sorted(set(texts) | set(finish))
-        choices = [Choice(index=i, content="".join(texts.get(i, [])), finish_reason=finish.get(i))
-                   for i in indices]
+        choices = [
+            Choice(index=i, content="".join(texts.get(i, [])), finish_reason=finish.get(i))
+            for i in indices
+        ]
         interaction.finish(HTTPStatus.OK, choices, usage)
     finally:  # also when the client disconnects mid-stream (the generator is closed)
         interaction.release()
-

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 
 
-def lora_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                dtype: torch.dtype) -> torch.Tensor:
+def lora_matmul(
+    inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """out[t] = weights[indices[t]] @ inputs[t], zero where indices[t] < 0.
 
     inputs [T, I]; weights [L, O, I] or [L, 1, O, I]; indices [T] -> [T, O] in `dtype`."""
@@ -56,8 +57,15 @@ def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_
         output_tensor[:, :common] = outputs[:limit, :common]
 
 
-def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset,
-                      slice_size, add_inputs=True):
+def bgmv_expand_slice(
+    inputs,
+    lora_b_weights,
+    output_tensor,
+    lora_indices_tensor,
+    slice_offset,
+    slice_size,
+    add_inputs=True,
+):
     outputs = lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     target = output_tensor[:, slice_offset : slice_offset + slice_size]
     if add_inputs:
@@ -78,4 +86,3 @@ def register() -> None:
         module.bgmv_shrink = bgmv_shrink
         module.bgmv_expand = bgmv_expand
         module.bgmv_expand_slice = bgmv_expand_slice
-

@@ -36,17 +36,24 @@ class ServerState:
     follower: object = None  # serving.adapters.AdapterFollower, set once the engine is up
 
     @classmethod
-    def from_config(cls, cfg: DynalignConfig, outbox: Outbox | None) -> "ServerState":
+    def from_config(cls, cfg: DynalignConfig, outbox: Outbox | None) -> ServerState:
         s = cfg.serving
         return cls(
-            cfg=cfg, aliases=AliasTable(cfg.model.served_name), outbox=outbox,
+            cfg=cfg,
+            aliases=AliasTable(cfg.model.served_name),
+            outbox=outbox,
             lifecycle=Lifecycle.from_config(cfg),
-            limits=ClientLimits(s.max_concurrent_per_client, s.rate_limit_per_client,
-                                s.rate_limit_burst, s.max_in_flight),
+            limits=ClientLimits(
+                s.max_concurrent_per_client,
+                s.rate_limit_per_client,
+                s.rate_limit_burst,
+                s.max_in_flight,
+            ),
             opt_outs=OptOuts(s.outbox_dir if outbox is not None else None),
             api_keys=tuple(k.get_secret_value().encode() for k in s.api_keys),
-            operator_tokens={name: t.get_secret_value().encode()
-                             for name, t in s.operator_tokens.items()},
+            operator_tokens={
+                name: t.get_secret_value().encode() for name, t in s.operator_tokens.items()
+            },
         )
 
     @property

@@ -32,7 +32,7 @@ class _Bucket:
 class Permit:
     """Held while a request runs (for streams: until the last chunk); release() is idempotent."""
 
-    limits: "ClientLimits"
+    limits: ClientLimits
     client: str
     released: bool = field(default=False)
 
@@ -43,8 +43,9 @@ class Permit:
 
 
 class ClientLimits:
-    def __init__(self, max_concurrent: int, rate_per_s: float, burst: int,
-                 max_in_flight: int) -> None:
+    def __init__(
+        self, max_concurrent: int, rate_per_s: float, burst: int, max_in_flight: int
+    ) -> None:
         self.max_concurrent = max_concurrent
         self.rate_per_s = rate_per_s
         self.burst = burst
@@ -58,19 +59,29 @@ class ClientLimits:
 
     def admit(self, client: str) -> Permit:
         if self.in_flight >= self.max_in_flight:
-            raise self._refuse("capacity", f"The server is at capacity ({self.max_in_flight} "
-                                           "requests in flight); retry shortly.", 1)
+            raise self._refuse(
+                "capacity",
+                f"The server is at capacity ({self.max_in_flight} "
+                "requests in flight); retry shortly.",
+                1,
+            )
         if self._running[client] >= self.max_concurrent:
-            raise self._refuse("concurrency", "Too many concurrent requests from this client "
-                                              f"(limit {self.max_concurrent}).", 1)
+            raise self._refuse(
+                "concurrency",
+                f"Too many concurrent requests from this client (limit {self.max_concurrent}).",
+                1,
+            )
         now = time.monotonic()
         bucket = self._buckets.get(client) or _Bucket(float(self.burst), now)
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate_per_s)
         bucket.updated = now
         if bucket.tokens < 1:
             wait = math.ceil((1 - bucket.tokens) / self.rate_per_s)
-            raise self._refuse("rate", f"Rate limit reached for this client "
-                                       f"({self.rate_per_s:g} requests/s).", wait)
+            raise self._refuse(
+                "rate",
+                f"Rate limit reached for this client ({self.rate_per_s:g} requests/s).",
+                wait,
+            )
         bucket.tokens -= 1
         self._buckets[client] = bucket
         self._running[client] += 1

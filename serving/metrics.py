@@ -78,7 +78,8 @@ ADAPTER_SWAPS = Counter(
 )
 ADAPTER_SWAP_FAILURES = Counter(
     "dynalign_adapter_swap_failures_total",
-    "Adapter versions this server refused or failed to load, by reason.", ["reason"],
+    "Adapter versions this server refused or failed to load, by reason.",
+    ["reason"],
 )
 ADAPTERS_LOADED = Gauge("dynalign_adapters_loaded", "Adapter versions loaded in the engine.")
 REQUESTS_LIMITED = Counter(

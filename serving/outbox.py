@@ -33,9 +33,10 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO
 
 from kafka import KafkaProducer
 from kafka.errors import (
@@ -65,8 +66,12 @@ FLUSH_TIMEOUT_S = 30
 # Errors that condemn the record itself. Every other error (broker away, authorisation,
 # unsupported version) is the cluster's: retried with back-off, so that a misconfiguration
 # never empties the outbox into the dead-letter file.
-RECORD_ERRORS = (MessageSizeTooLargeError, CorruptRecordError, InvalidRecordError,
-                 InvalidTimestampError)
+RECORD_ERRORS = (
+    MessageSizeTooLargeError,
+    CorruptRecordError,
+    InvalidRecordError,
+    InvalidTimestampError,
+)
 
 
 @dataclass(frozen=True)
@@ -101,8 +106,10 @@ def _end_of_last_line(f: BinaryIO, size: int) -> int:
 def _key_and_headers(conversation_id: str, record_id: str, schema_version: int):
     """The Kafka key and headers of a record: its own schema version (one recovered from disk
     may be older than the current one)."""
-    return conversation_id.encode(), ((SCHEMA_VERSION_HEADER, str(schema_version).encode()),
-                                      ("record-id", record_id.encode()))
+    return conversation_id.encode(), (
+        (SCHEMA_VERSION_HEADER, str(schema_version).encode()),
+        ("record-id", record_id.encode()),
+    )
 
 
 class Outbox:
@@ -150,7 +157,7 @@ class Outbox:
         metrics.OUTBOX_PROBLEM.set_function(lambda: self.problem is not None)
 
     # -- public ---------------------------------------------------------------------------------
-    def start(self) -> "Outbox":
+    def start(self) -> Outbox:
         self._writer.start()
         self._forwarder.start()
         return self
@@ -165,8 +172,11 @@ class Outbox:
             metrics.OUTBOX_DROPPED.labels("queue_full").inc()
             if not self._dropping:
                 self._dropping = True
-                log.error("outbox: queue of %d records full (%s); dropping records until it "
-                          "drains", self._incoming.maxsize, self._write_error or "writer behind")
+                log.error(
+                    "outbox: queue of %d records full (%s); dropping records until it drains",
+                    self._incoming.maxsize,
+                    self._write_error or "writer behind",
+                )
             return
         self._dropping = False
 
@@ -238,8 +248,14 @@ class Outbox:
         segment = _segment_path(self.directory, seq)
         size = segment.stat().st_size if segment.exists() else 0
         if not 0 <= offset <= size:
-            log.warning("outbox: %s points at byte %d of %s, which has %d; resending from the "
-                        "oldest segment", path, offset, segment.name, size)
+            log.warning(
+                "outbox: %s points at byte %d of %s, which has %d; resending from the "
+                "oldest segment",
+                path,
+                offset,
+                segment.name,
+                size,
+            )
             return 0, 0
         return seq, offset
 
@@ -264,9 +280,11 @@ class Outbox:
                 f.truncate(whole)
                 f.flush()
                 os.fsync(f.fileno())
-                self._dead_letter("garbled", f"{tail.name}:{whole}: torn last line, cut (a "
-                                  "crash interrupted its write)",
-                                  torn.decode("utf-8", "backslashreplace"))
+                self._dead_letter(
+                    "garbled",
+                    f"{tail.name}:{whole}: torn last line, cut (a crash interrupted its write)",
+                    torn.decode("utf-8", "backslashreplace"),
+                )
                 size = whole
         count = 0
         for seq in segments:
@@ -277,8 +295,9 @@ class Outbox:
 
     def _open_segment(self, seq: int) -> int:
         # Unbuffered, so that a failed write can be cut back exactly (see _write).
-        return os.open(_segment_path(self.directory, seq), os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                       0o644)
+        return os.open(
+            _segment_path(self.directory, seq), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
+        )
 
     # -- dead letters ---------------------------------------------------------------------------
     def _dead_letter(self, reason: str, detail: str, record: Any) -> None:
@@ -294,16 +313,22 @@ class Outbox:
         except (TypeError, ValueError):  # e.g. a dict key JSON cannot hold: keep the text
             line = json.dumps({**entry, "record": repr(record)}, ensure_ascii=True)
         metrics.OUTBOX_DEAD_LETTERED.labels(reason).inc()
-        log.error("outbox: record %s dead-lettered (%s): %s; see %s", record_id, reason, detail,
-                  self.directory / DEAD_LETTER_FILE)
+        log.error(
+            "outbox: record %s dead-lettered (%s): %s; see %s",
+            record_id,
+            reason,
+            detail,
+            self.directory / DEAD_LETTER_FILE,
+        )
         try:
             with self._dead_letter_lock, (self.directory / DEAD_LETTER_FILE).open("ab") as f:
                 f.write(line.encode() + b"\n")
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as exc:
-            log.error("outbox: could not write the dead letter, record %s is lost: %s",
-                      record_id, exc)
+            log.error(
+                "outbox: could not write the dead letter, record %s is lost: %s", record_id, exc
+            )
 
     # -- writer ---------------------------------------------------------------------------------
     def _write_loop(self) -> None:
@@ -340,8 +365,12 @@ class Outbox:
         # The producer's own estimate, so that nothing written here is refused for size there.
         size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers))
         if size > self._max_message_bytes:
-            self._dead_letter("oversized", f"{size} bytes as a Kafka message, over "
-                              f"kafka.max_message_bytes={self._max_message_bytes}", record)
+            self._dead_letter(
+                "oversized",
+                f"{size} bytes as a Kafka message, over "
+                f"kafka.max_message_bytes={self._max_message_bytes}",
+                record,
+            )
             return None
         return value + b"\n"
 
@@ -384,7 +413,7 @@ class Outbox:
             self._roll_segment()
         view = memoryview(data)
         while view:  # os.write may write part (e.g. up to a size limit) before it fails
-            view = view[os.write(self._segment_fd, view):]
+            view = view[os.write(self._segment_fd, view) :]
         os.fsync(self._segment_fd)
         self._segment_size += len(data)
 
@@ -392,8 +421,9 @@ class Outbox:
         try:
             os.ftruncate(self._segment_fd, self._segment_size)
         except OSError as exc:  # the forwarder will dead-letter the torn line as garbled
-            log.error("outbox: cannot cut a failed write back from segment %d: %s",
-                      self._segment_seq, exc)
+            log.error(
+                "outbox: cannot cut a failed write back from segment %d: %s", self._segment_seq, exc
+            )
 
     def _roll_segment(self) -> None:
         fd = self._open_segment(self._segment_seq + 1)
@@ -480,12 +510,16 @@ class Outbox:
         # Key, id and version come from the JSON, so forwarding needs nothing but the segments.
         try:
             fields = json.loads(line)
-            key, headers = _key_and_headers(fields["conversation_id"], fields["id"],
-                                            fields["schema_version"])
+            key, headers = _key_and_headers(
+                fields["conversation_id"], fields["id"], fields["schema_version"]
+            )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             segment = _segment_path(self.directory, seq).name
-            self._dead_letter("garbled", f"{segment}:{end_offset - len(line)}: {exc!r}",
-                              line.decode("utf-8", "backslashreplace"))
+            self._dead_letter(
+                "garbled",
+                f"{segment}:{end_offset - len(line)}: {exc!r}",
+                line.decode("utf-8", "backslashreplace"),
+            )
             return _Entry(seq, end_offset)
         return _Entry(seq, end_offset, line.rstrip(b"\n"), key, headers)
 
@@ -498,8 +532,11 @@ class Outbox:
                 outcomes.append(None)
                 continue
             try:
-                outcomes.append(producer.send(self.topic, key=entry.key, value=entry.value,
-                                              headers=list(entry.headers)))
+                outcomes.append(
+                    producer.send(
+                        self.topic, key=entry.key, value=entry.value, headers=list(entry.headers)
+                    )
+                )
             except KafkaError as exc:  # refused before sending (size) or no metadata
                 outcomes.append(exc)
                 if not isinstance(exc, RECORD_ERRORS):
@@ -508,7 +545,7 @@ class Outbox:
             producer.flush(timeout=FLUSH_TIMEOUT_S)
         except KafkaTimeoutError:
             pass  # the futures still pending fail below
-        for settled, (entry, outcome) in enumerate(zip(window, outcomes)):
+        for settled, (entry, outcome) in enumerate(zip(window, outcomes, strict=True)):
             try:
                 if isinstance(outcome, Exception):
                     raise outcome
@@ -532,8 +569,9 @@ class Outbox:
         try:
             atomic_write(self.directory / CURSOR_FILE, cursor)
         except OSError as exc:  # a full disk: the old cursor stays, later records resend
-            log.warning("outbox: cannot save the cursor (%s); a restart resends from %s", exc,
-                        self._cursor)
+            log.warning(
+                "outbox: cannot save the cursor (%s); a restart resends from %s", exc, self._cursor
+            )
             return
         self._cursor = (last.segment, last.end_offset)
         for seq in self._segments():

@@ -34,10 +34,15 @@ from shared.vllm_compat import (
 router = APIRouter()
 
 
-def error_json(status: HTTPStatus, message: str, param: str | None = None,
-               headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": status.phrase, "param": param,
-                      "code": status.value}}
+def error_json(
+    status: HTTPStatus,
+    message: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {
+        "error": {"message": message, "type": status.phrase, "param": param, "code": status.value}
+    }
     return JSONResponse(body, status_code=status.value, headers=headers)
 
 
@@ -52,8 +57,9 @@ def refusal(exc: Exception) -> JSONResponse | None:
     if isinstance(exc, PermissionError):
         return error_json(HTTPStatus.FORBIDDEN, str(exc), "model")
     if isinstance(exc, LimitExceeded):
-        return error_json(HTTPStatus.TOO_MANY_REQUESTS, str(exc),
-                          headers={"Retry-After": str(exc.retry_after_s)})
+        return error_json(
+            HTTPStatus.TOO_MANY_REQUESTS, str(exc), headers={"Retry-After": str(exc.retry_after_s)}
+        )
     return None
 
 
@@ -76,8 +82,9 @@ async def _refused(raw_request: Request, model: str, exc: Exception) -> Response
 
 @router.post("/v1/chat/completions", dependencies=[Depends(validate_json_request)])
 @with_cancellation
-async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request,
-                                 caller: Caller = Depends(require_api_key)):
+async def create_chat_completion(
+    request: ChatCompletionRequest, raw_request: Request, caller: Caller = Depends(require_api_key)
+):
     state = server_state(raw_request)
     try:
         interaction = await start_interaction(state, caller, request, raw_request)
@@ -88,8 +95,9 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
 
 @router.post("/v1/completions", dependencies=[Depends(validate_json_request)])
 @with_cancellation
-async def create_completion(request: CompletionRequest, raw_request: Request,
-                            caller: Caller = Depends(require_api_key)):
+async def create_completion(
+    request: CompletionRequest, raw_request: Request, caller: Caller = Depends(require_api_key)
+):
     state = server_state(raw_request)
     model = request.model or state.aliases.served_name
     request.model = model
@@ -104,10 +112,16 @@ async def create_completion(request: CompletionRequest, raw_request: Request,
 async def list_models(raw_request: Request) -> JSONResponse:
     aliases = server_state(raw_request).aliases
     max_len = raw_request.app.state.vllm_config.model_config.max_model_len
-    cards = [ModelCard(id=name, root=aliases.resolve(name).engine_model,
-                       parent=None if name == aliases.served_name else aliases.served_name,
-                       owned_by="dynalign", max_model_len=max_len)
-             for name in aliases.names()]
+    cards = [
+        ModelCard(
+            id=name,
+            root=aliases.resolve(name).engine_model,
+            parent=None if name == aliases.served_name else aliases.served_name,
+            owned_by="dynalign",
+            max_model_len=max_len,
+        )
+        for name in aliases.names()
+    ]
     return JSONResponse(ModelList(data=cards).model_dump())
 
 

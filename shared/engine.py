@@ -30,9 +30,18 @@ OWNED_FLAGS = {
     "host": "use serving.host (--host)",
     "port": "use serving.port (--port)",
     "api_key": "use serving.api_keys",
-    **{name: f"use model.{name}" for name in ("dtype", "max_model_len", "max_lora_rank",
-                                              "max_loras", "enforce_eager",
-                                              "gpu_memory_utilization", "seed")},
+    **{
+        name: f"use model.{name}"
+        for name in (
+            "dtype",
+            "max_model_len",
+            "max_lora_rank",
+            "max_loras",
+            "enforce_eager",
+            "gpu_memory_utilization",
+            "seed",
+        )
+    },
 }
 
 

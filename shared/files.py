@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 
 def file_sha256(path: Path) -> str:
@@ -45,8 +46,9 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_path(path.parent)
 
 
-def read_jsonl(path: Path, on_unreadable: Callable[[int, ValueError], None] | None = None
-               ) -> Iterator[tuple[int, Any]]:
+def read_jsonl(
+    path: Path, on_unreadable: Callable[[int, ValueError], None] | None = None
+) -> Iterator[tuple[int, Any]]:
     """(line number, value) for each non-blank line of a JSONL file. A line that is not JSON
     raises ValueError naming the file and line, or, given `on_unreadable`, is passed to it and
     skipped (a line cut short by a crash, in files dynalign appends to)."""

@@ -59,6 +59,7 @@ Output format
 Reply with only a single letter, "A" or "B", and no other text."""
 )
 
+
 class Endpoint(BaseModel):
     """An OpenAI-compatible chat endpoint and the model to ask there."""
 
@@ -71,8 +72,12 @@ class Endpoint(BaseModel):
     max_retries: int = 6
 
     def client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key,
-                                  timeout=self.timeout_s, max_retries=self.max_retries)
+        return openai.AsyncOpenAI(
+            base_url=self.base_url,
+            api_key=self.api_key,
+            timeout=self.timeout_s,
+            max_retries=self.max_retries,
+        )
 
 
 def default_base_url() -> str:
@@ -112,8 +117,9 @@ class Sampling(BaseModel):
         return params
 
 
-async def chat(client: openai.AsyncOpenAI, model: str, messages: list[dict[str, str]],
-               **params: Any) -> ChatCompletion:
+async def chat(
+    client: openai.AsyncOpenAI, model: str, messages: list[dict[str, str]], **params: Any
+) -> ChatCompletion:
     """One chat completion (the client retries transient errors itself)."""
     return await client.chat.completions.create(model=model, messages=messages, **params)
 
@@ -279,8 +285,9 @@ async def judge_once(
     params = settings.sampling.as_params()
     if settings.use_logprobs:
         params.update(logprobs=True, top_logprobs=20)
-    completion = await chat(client, settings.endpoint.model,
-                            [{"role": "user", "content": content}], **params)
+    completion = await chat(
+        client, settings.endpoint.model, [{"role": "user", "content": content}], **params
+    )
     text = completion_text(completion)
     logprobs = completion.choices[0].logprobs
     # An endpoint that ignores `logprobs` still answers in text: fall back to reading that.
@@ -415,6 +422,6 @@ def summarize_pairwise(
             for o, (lx, ly) in zip(outcomes, lengths, strict=True)
             if o in (Outcome.WIN, Outcome.LOSS)
         ]
-        won, lx, ly = zip(*decisive)
+        won, lx, ly = zip(*decisive, strict=True)
         summary.lc_win_rate, summary.lc_length_slope = length_controlled_win_rate(won, lx, ly)
     return summary

@@ -34,11 +34,15 @@ def topic_specs(cfg: KafkaConfig) -> dict[str, dict[str, Any]]:
         cfg.interactions_topic: {"num_partitions": cfg.partitions, "configs": records},
         cfg.dlq_topic: {"num_partitions": 1, "configs": records},
         # The control feed: keyed by adapter/alias, compaction keeps the latest state per key.
-        cfg.adapters_topic: {"num_partitions": 1,
-                             "configs": {**durability, "cleanup.policy": "compact"}},
+        cfg.adapters_topic: {
+            "num_partitions": 1,
+            "configs": {**durability, "cleanup.policy": "compact"},
+        },
     }
-    return {name: {**spec, "replication_factor": cfg.replication_factor}
-            for name, spec in wanted.items()}
+    return {
+        name: {**spec, "replication_factor": cfg.replication_factor}
+        for name, spec in wanted.items()
+    }
 
 
 def ensure_topics(cfg: KafkaConfig, timeout_s: float = 30.0) -> None:
@@ -51,9 +55,11 @@ def ensure_topics(cfg: KafkaConfig, timeout_s: float = 30.0) -> None:
             result = admin.create_topics(missing, raise_errors=False)
             # "Already exists": another process won the race. Anything else (a replication
             # factor the cluster cannot meet, a refused config) must not pass silently.
-            refused = {topic["name"]: topic["error_message"] or topic["error_code"]
-                       for topic in result["topics"]
-                       if topic["error_code"] not in (0, TopicAlreadyExistsError.errno)}
+            refused = {
+                topic["name"]: topic["error_message"] or topic["error_code"]
+                for topic in result["topics"]
+                if topic["error_code"] not in (0, TopicAlreadyExistsError.errno)
+            }
             if refused:
                 raise KafkaError(f"cannot create topics: {refused}")
             admin.wait_for_topics(list(missing))
@@ -78,8 +84,9 @@ def producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
     instead of switching it off with a warning. Keys and values are bytes; callers serialise.
     Records up to kafka.max_message_bytes need `max_request_size` set to it (the client's default
     equals the config's)."""
-    options: dict[str, Any] = dict(bootstrap_servers=bootstrap, acks="all",
-                                   enable_idempotence=True, linger_ms=5)
+    options: dict[str, Any] = dict(
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5
+    )
     options.update(overrides)
     return KafkaProducer(**options)
 
@@ -117,15 +124,24 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 20.0) -> "EmbeddedBroker":
+    def start(self, timeout_s: float = 20.0) -> EmbeddedBroker:
         from shared.assets import tansu_binary
 
         url = f"tcp://127.0.0.1:{self.port}"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
-            [str(tansu_binary()), "broker", "--listener-url", url,
-             "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
-            stdout=log, stderr=log,
+            [
+                str(tansu_binary()),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=log,
+            stderr=log,
         )
         deadline = time.monotonic() + timeout_s
         while not _port_open(self.port):
@@ -146,7 +162,7 @@ class EmbeddedBroker:
                 self.process.wait()
         self.process = None
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -160,6 +176,11 @@ def _port_open(port: int) -> bool:
 
 
 __all__ = [
-    "EmbeddedBroker", "KafkaError", "ensure_topics", "free_port", "consumer", "producer",
+    "EmbeddedBroker",
+    "KafkaError",
+    "ensure_topics",
+    "free_port",
+    "consumer",
+    "producer",
     "topic_specs",
 ]

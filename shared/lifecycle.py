@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from shared.registry import (
     AdapterState,
@@ -44,9 +45,12 @@ TRANSITIONS: dict[str, frozenset[AdapterState]] = {
     "reject": frozenset({"candidate", "retired"}),
     "verdict": frozenset({"candidate"}),
 }
-FLAGS = {"pin": ("pinned", True), "unpin": ("pinned", False),
-         "pause-learning": ("learning_paused", True),
-         "resume-learning": ("learning_paused", False)}
+FLAGS = {
+    "pin": ("pinned", True),
+    "unpin": ("pinned", False),
+    "pause-learning": ("learning_paused", True),
+    "resume-learning": ("learning_paused", False),
+}
 FlagAction = Literal["pin", "unpin", "pause-learning", "resume-learning"]
 Announce = Callable[[RegistryState, str, str], None]
 
@@ -61,10 +65,13 @@ def _allowed(action: str, state: RegistryState, version: int) -> None:
     if current == "live":
         raise RegistryError(f"v{version} is already live")
     if current not in TRANSITIONS[action]:
-        hint = {"rejected": "it was rejected by the gate; promote --override to force it",
-                "candidate": "it was never live; promote it instead"}.get(current, "")
-        raise RegistryError(f"cannot {action} v{version}: it is {current}"
-                            + (f" ({hint})" if hint else ""))
+        hint = {
+            "rejected": "it was rejected by the gate; promote --override to force it",
+            "candidate": "it was never live; promote it instead",
+        }.get(current, "")
+        raise RegistryError(
+            f"cannot {action} v{version}: it is {current}" + (f" ({hint})" if hint else "")
+        )
 
 
 class Lifecycle:
@@ -73,7 +80,7 @@ class Lifecycle:
         self._announce = announce
 
     @classmethod
-    def from_config(cls, cfg) -> "Lifecycle":
+    def from_config(cls, cfg) -> Lifecycle:
         """The registry named by the config; announced on its control topic when Kafka is set."""
         registry = Registry(cfg.registry.store)
         if not cfg.kafka.bootstrap:
@@ -94,8 +101,9 @@ class Lifecycle:
         return verify_adapter(self.registry.path(version), fingerprint, max_rank).problems
 
     # -- changes ---------------------------------------------------------------------------------
-    def publish(self, adapter_dir: Path, lineage: str, actor: str = "learner",
-                **fields: Any) -> Manifest:
+    def publish(
+        self, adapter_dir: Path, lineage: str, actor: str = "learner", **fields: Any
+    ) -> Manifest:
         """The candidate for `lineage`, published once: a learner repeating a publish after a
         crash gets the same version back, and a new run never collides with an old one."""
         published: list[Manifest] = []
@@ -105,8 +113,9 @@ class Lifecycle:
             if found is not None:
                 raise _AlreadyPublished(found)
             published.append(self.registry.publish(adapter_dir, lineage=lineage, **fields))
-            return AuditEntry(actor=actor, action="publish", to_version=published[0].version,
-                              reason=lineage)
+            return AuditEntry(
+                actor=actor, action="publish", to_version=published[0].version, reason=lineage
+            )
 
         try:
             self._change(decide)
@@ -115,12 +124,19 @@ class Lifecycle:
         log.info("published candidate v%d (%s)", published[0].version, lineage)
         return published[0]
 
-    def record_verdict(self, version: int, result: dict[str, Any], weights_sha256: str,
-                       auto_promote: bool, actor: str = "gate") -> tuple[RegistryState, str]:
+    def record_verdict(
+        self,
+        version: int,
+        result: dict[str, Any],
+        weights_sha256: str,
+        auto_promote: bool,
+        actor: str = "gate",
+    ) -> tuple[RegistryState, str]:
         """The gate's verdict on `version`, which must hold the weights it judged."""
         if self.registry.manifest(version).weights_sha256 != weights_sha256:
-            raise RegistryError(f"the gate judged other weights than v{version} holds; "
-                                "its verdict is not recorded")
+            raise RegistryError(
+                f"the gate judged other weights than v{version} holds; its verdict is not recorded"
+            )
 
         def decide(state: RegistryState) -> AuditEntry:
             _allowed("verdict", state, version)
@@ -130,23 +146,36 @@ class Lifecycle:
                 action, reason = "promote", "gate passed"
             else:
                 action = "await-operator"
-                reason = "gate passed; " + ("live is pinned" if state.pinned else
-                                            "auto_promote is off")
-            return AuditEntry(actor=actor, action=action, from_version=state.live,
-                              to_version=version, reason=reason, gate=result)
+                reason = "gate passed; " + (
+                    "live is pinned" if state.pinned else "auto_promote is off"
+                )
+            return AuditEntry(
+                actor=actor,
+                action=action,
+                from_version=state.live,
+                to_version=version,
+                reason=reason,
+                gate=result,
+            )
 
         state, entry = self._change(decide)
         return state, entry.action
 
-    def promote(self, version: int, actor: str, reason: str = "",
-                override: bool = False) -> RegistryState:
+    def promote(
+        self, version: int, actor: str, reason: str = "", override: bool = False
+    ) -> RegistryState:
         self._require(version)
         action = "promote-override" if override else "promote"
 
         def decide(state: RegistryState) -> AuditEntry:
             _allowed(action, state, version)
-            return AuditEntry(actor=actor, action=action, from_version=state.live,
-                              to_version=version, reason=reason)
+            return AuditEntry(
+                actor=actor,
+                action=action,
+                from_version=state.live,
+                to_version=version,
+                reason=reason,
+            )
 
         return self._change(decide)[0]
 
@@ -159,9 +188,11 @@ class Lifecycle:
         def decide(state: RegistryState) -> AuditEntry:
             target = to
             if target is None:
-                moves = [e for e in self.registry.audit_log()
-                         if e.action in ("promote", "promote-override")
-                         and e.to_version == state.live]
+                moves = [
+                    e
+                    for e in self.registry.audit_log()
+                    if e.action in ("promote", "promote-override") and e.to_version == state.live
+                ]
                 if state.live is None or not moves:
                     raise RegistryError("nothing to roll back to: no earlier live version")
                 target = moves[-1].from_version
@@ -169,8 +200,13 @@ class Lifecycle:
                 _allowed("rollback", state, target)
             elif state.live is None:
                 raise RegistryError("base is already live")
-            return AuditEntry(actor=actor, action="rollback", from_version=state.live,
-                              to_version=target, reason=reason)
+            return AuditEntry(
+                actor=actor,
+                action="rollback",
+                from_version=state.live,
+                to_version=target,
+                reason=reason,
+            )
 
         return self._change(decide)[0]
 
@@ -187,13 +223,20 @@ class Lifecycle:
 
     def set_flag(self, action: FlagAction, actor: str, reason: str = "") -> RegistryState:
         FLAGS[action]  # noqa: B018 - a KeyError names an unknown action
-        return self._change(lambda state: AuditEntry(
-            actor=actor, action=action, from_version=state.live, to_version=state.live,
-            reason=reason))[0]
+        return self._change(
+            lambda state: AuditEntry(
+                actor=actor,
+                action=action,
+                from_version=state.live,
+                to_version=state.live,
+                reason=reason,
+            )
+        )[0]
 
     # -- the one path every change takes ---------------------------------------------------------
-    def _change(self, decide: Callable[[RegistryState], AuditEntry]
-                ) -> tuple[RegistryState, AuditEntry]:
+    def _change(
+        self, decide: Callable[[RegistryState], AuditEntry]
+    ) -> tuple[RegistryState, AuditEntry]:
         state, entry = self.registry.transact(decide)
         if self._announce is not None:
             self._announce(state, entry.actor, entry.action)
@@ -201,8 +244,7 @@ class Lifecycle:
 
     def _require(self, version: int) -> None:
         if version not in self.registry.versions():
-            raise RegistryError(f"v{version} does not exist "
-                                f"(versions: {self.registry.versions()})")
+            raise RegistryError(f"v{version} does not exist (versions: {self.registry.versions()})")
 
 
 def announce(cfg, state: RegistryState, actor: str, action: str) -> None:
@@ -211,10 +253,17 @@ def announce(cfg, state: RegistryState, actor: str, action: str) -> None:
 
     try:
         p = producer(cfg.kafka.bootstrap, max_block_ms=3000)
-        p.send(cfg.kafka.adapters_topic, key=b"alias:live",
-               value=json.dumps({"live": state.live, "revision": state.revision,
-                                 "actor": actor, "action": action}).encode()).get(timeout=5)
+        p.send(
+            cfg.kafka.adapters_topic,
+            key=b"alias:live",
+            value=json.dumps(
+                {"live": state.live, "revision": state.revision, "actor": actor, "action": action}
+            ).encode(),
+        ).get(timeout=5)
         p.close(timeout=2)
     except Exception as exc:
-        log.warning("could not announce on %s (%s); replicas will see it on their next poll",
-                    cfg.kafka.adapters_topic, exc)
+        log.warning(
+            "could not announce on %s (%s); replicas will see it on their next poll",
+            cfg.kafka.adapters_topic,
+            exc,
+        )

@@ -1,6 +1,6 @@
 """The adapter registry: versions, their states, the movable alias `live`, and an audit log.
 
-    <store>/v<N>/           immutable: PEFT files (loadable by `vllm --lora-modules`) + manifest.json
+    <store>/v<N>/           immutable: PEFT files (`vllm --lora-modules` loads them), manifest.json
     <store>/registry.json   mutable state: state of each version, the `live` alias, pin, pause
     <store>/audit.jsonl     append-only: who moved what, when, from, to, why
 
@@ -57,7 +57,9 @@ class Manifest(BaseModel):
     # its version by this instead of publishing the same checkpoint twice, and a new run (a
     # fresh workdir) never matches an old run's versions.
     lineage: str = Field(validation_alias=AliasChoices("lineage", "source_checkpoint"))
-    trained_offsets: dict[str, list[int]] = Field(default_factory=dict)  # "topic:p" -> [first, last]
+    trained_offsets: dict[str, list[int]] = Field(
+        default_factory=dict
+    )  # "topic:p" -> [first, last]
     steps: int
     metrics: dict[str, float] = Field(default_factory=dict)
 
@@ -114,15 +116,20 @@ def verify_adapter(path: Path, fingerprint: str, max_rank: int) -> VerifiedAdapt
     problems = verified.problems
     try:
         manifest = Manifest.model_validate_json((path / MANIFEST).read_bytes())
-        files = {p.name: p.read_bytes() for p in sorted(path.iterdir())
-                 if p.is_file() and p.name != MANIFEST}
+        files = {
+            p.name: p.read_bytes()
+            for p in sorted(path.iterdir())
+            if p.is_file() and p.name != MANIFEST
+        }
     except (OSError, ValueError) as exc:
         problems.append(f"{name}: corrupt: cannot read the manifest or files ({exc})")
         return verified
     if manifest.base_fingerprint != fingerprint:
-        problems.append(f"{name}: trained on another base model ({manifest.base_model}, "
-                        f"fingerprint {manifest.base_fingerprint[:12]} != served "
-                        f"{fingerprint[:12]})")
+        problems.append(
+            f"{name}: trained on another base model ({manifest.base_model}, "
+            f"fingerprint {manifest.base_fingerprint[:12]} != served "
+            f"{fingerprint[:12]})"
+        )
     for required in (CONFIG, WEIGHTS):
         if required not in files:
             problems.append(f"{name}: corrupt: {required} is missing")
@@ -162,8 +169,10 @@ def _config_problems(name: str, raw: bytes, max_rank: int) -> list[str]:
     if rank < 1:
         problems.append(f"{name}: LoRA rank {rank} is not positive")
     elif not (0 < alpha / rank <= MAX_LORA_SCALING):  # NaN fails this too
-        problems.append(f"{name}: LoRA scaling lora_alpha/r = {alpha:g}/{rank} is outside "
-                        f"(0, {MAX_LORA_SCALING:g}]")
+        problems.append(
+            f"{name}: LoRA scaling lora_alpha/r = {alpha:g}/{rank} is outside "
+            f"(0, {MAX_LORA_SCALING:g}]"
+        )
     return problems
 
 
@@ -176,8 +185,11 @@ class AdapterStore:
         return self.root / f"v{version}"
 
     def versions(self) -> list[int]:
-        return sorted(int(p.name[1:]) for p in self.root.glob("v*")
-                      if p.name[1:].isdigit() and (p / MANIFEST).exists())
+        return sorted(
+            int(p.name[1:])
+            for p in self.root.glob("v*")
+            if p.name[1:].isdigit() and (p / MANIFEST).exists()
+        )
 
     def manifest(self, version: int) -> Manifest:
         return Manifest.model_validate_json((self.path(version) / MANIFEST).read_text())
@@ -199,8 +211,9 @@ class AdapterStore:
             files_sha = {p.name: file_sha256(p) for p in staging.iterdir() if p.is_file()}
             while True:
                 version = max(self.versions(), default=0) + 1
-                manifest = Manifest(version=version, weights_sha256=sha, files_sha256=files_sha,
-                                    **fields)
+                manifest = Manifest(
+                    version=version, weights_sha256=sha, files_sha256=files_sha, **fields
+                )
                 (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
                 fsync_tree(staging)
                 try:
@@ -271,8 +284,12 @@ class Registry(AdapterStore):
         except FileNotFoundError:
             return self._replay(self.audit_log())
         except ValueError as exc:
-            log.error("%s cannot be read (%s); using the state rebuilt from %s", path,
-                      str(exc).splitlines()[0], self.AUDIT_FILE)
+            log.error(
+                "%s cannot be read (%s); using the state rebuilt from %s",
+                path,
+                str(exc).splitlines()[0],
+                self.AUDIT_FILE,
+            )
             return self._replay(self.audit_log())
 
     def state_of(self, version: int) -> AdapterState:
@@ -304,7 +321,7 @@ class Registry(AdapterStore):
         (the audit line is written first) applied."""
         state = self.read_state()
         entries = self.audit_log()
-        return self._replay(entries[state.revision:], state)
+        return self._replay(entries[state.revision :], state)
 
     def recover(self) -> RegistryState:
         """At start-up: rewrite registry.json from the audit log if it is behind it, missing or
@@ -320,8 +337,13 @@ class Registry(AdapterStore):
                 on_disk = None
                 kept = path.with_name(f"{self.STATE_FILE}.corrupt-{utc_now():%Y%m%dT%H%M%S}")
                 os.replace(path, kept)
-                log.error("%s was garbled: kept as %s, rebuilt from %s (revision %d)", path,
-                          kept.name, self.AUDIT_FILE, state.revision)
+                log.error(
+                    "%s was garbled: kept as %s, rebuilt from %s (revision %d)",
+                    path,
+                    kept.name,
+                    self.AUDIT_FILE,
+                    state.revision,
+                )
             if on_disk != state and (on_disk is not None or state.revision):
                 atomic_write(path, state.model_dump_json(indent=2).encode())
             return state

@@ -8,7 +8,7 @@ without parsing the body.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -20,7 +20,7 @@ SCHEMA_VERSION_HEADER = "schema-version"
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class SamplingParams(BaseModel):
@@ -74,7 +74,7 @@ class InteractionRecord(BaseModel):
     finish_reason: str | None
 
     @model_validator(mode="after")
-    def _v1_principal(self) -> "InteractionRecord":
+    def _v1_principal(self) -> InteractionRecord:
         if not self.principal_hash:  # schema v1 records: the user was the only identity
             self.principal_hash = self.user_hash
         return self

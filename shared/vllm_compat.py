@@ -12,44 +12,60 @@ from __future__ import annotations
 CHECKED_VERSIONS = ("0.32.0",)
 
 # The `vllm serve` argument parser and its checks.
-from vllm.entrypoints.launchers.cli_args import (  # noqa: E402
-    make_arg_parser,
-    validate_parsed_serve_args,
-)
-from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
 from vllm.engine.arg_utils import EngineArgs  # noqa: E402
+
+# OpenAI protocol models.
+from vllm.entrypoints.generate.base.protocol import StreamOptions  # noqa: E402
 
 # The in-process async engine and vLLM's OpenAI serving objects on a Starlette app.state.
 from vllm.entrypoints.launchers.api_server.app_state import init_app_state  # noqa: E402
 from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client  # noqa: E402
-from vllm.entrypoints.serve.exception_handling.register import (  # noqa: E402
-    init_exception_handler,
+from vllm.entrypoints.launchers.cli_args import (  # noqa: E402
+    make_arg_parser,
+    validate_parsed_serve_args,
 )
-from vllm.entrypoints.serve.utils.api_utils import (  # noqa: E402
-    validate_json_request,
-    with_cancellation,
-)
-
-# OpenAI protocol models.
-from vllm.entrypoints.generate.base.protocol import StreamOptions  # noqa: E402
 from vllm.entrypoints.openai.chat_completion.protocol import (  # noqa: E402
     ChatCompletionRequest,
     ChatCompletionResponse,
 )
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest  # noqa: E402
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse, ModelCard, ModelList  # noqa: E402
+from vllm.entrypoints.serve.exception_handling.register import (  # noqa: E402
+    init_exception_handler,
+)
 from vllm.entrypoints.serve.lora.protocol import (  # noqa: E402
     LoadLoRAAdapterRequest,
     UnloadLoRAAdapterRequest,
 )
+from vllm.entrypoints.serve.utils.api_utils import (  # noqa: E402
+    validate_json_request,
+    with_cancellation,
+)
+from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
 from vllm.version import __version__ as VLLM_VERSION  # noqa: E402
 
 __all__ = [
-    "CHECKED_VERSIONS", "ChatCompletionRequest", "ChatCompletionResponse", "CompletionRequest",
-    "EngineArgs", "ErrorResponse", "FlexibleArgumentParser", "LoadLoRAAdapterRequest",
-    "ModelCard", "ModelList", "StreamOptions", "UnloadLoRAAdapterRequest", "VLLM_VERSION",
-    "build_async_engine_client", "cpu_lora_modules", "init_app_state", "init_exception_handler",
-    "make_arg_parser", "validate_json_request", "validate_parsed_serve_args", "with_cancellation",
+    "CHECKED_VERSIONS",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "CompletionRequest",
+    "EngineArgs",
+    "ErrorResponse",
+    "FlexibleArgumentParser",
+    "LoadLoRAAdapterRequest",
+    "ModelCard",
+    "ModelList",
+    "StreamOptions",
+    "UnloadLoRAAdapterRequest",
+    "VLLM_VERSION",
+    "build_async_engine_client",
+    "cpu_lora_modules",
+    "init_app_state",
+    "init_exception_handler",
+    "make_arg_parser",
+    "validate_json_request",
+    "validate_parsed_serve_args",
+    "with_cancellation",
 ]
 
 

@@ -1,6 +1,6 @@
 """Greedy outputs of base vs a PEFT adapter, through vLLM. Prints one JSON line.
 
-    python tests/compare_adapter.py MODEL_DIR ADAPTER_DIR
+python tests/compare_adapter.py MODEL_DIR ADAPTER_DIR
 """
 
 import json
@@ -19,8 +19,12 @@ def main() -> None:
     prompts = [[{"role": "user", "content": text}] for text in ("Plan my week", "hello")]
     greedy = SamplingParams(temperature=0, max_tokens=16)
     base = [o.outputs[0].text for o in llm.chat(prompts, greedy, use_tqdm=False)]
-    tuned = [o.outputs[0].text for o in llm.chat(prompts, greedy, use_tqdm=False,
-                                                lora_request=LoRARequest("candidate", 1, adapter))]
+    tuned = [
+        o.outputs[0].text
+        for o in llm.chat(
+            prompts, greedy, use_tqdm=False, lora_request=LoRARequest("candidate", 1, adapter)
+        )
+    ]
     print(json.dumps({"base": base, "adapter": tuned}))
 
 

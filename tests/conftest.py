@@ -8,9 +8,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import httpx
 import pytest
@@ -56,8 +56,11 @@ class ServerProcess:
     def metric_sum(self, name: str) -> float:
         """The sum of a metric over all its label sets (0 when it has none yet)."""
         text = httpx.get(f"{self.base_url}/metrics").text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name + " ") or line.startswith(name + "{"))
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + " ") or line.startswith(name + "{")
+        )
 
     def metric(self, name: str) -> float:
         text = httpx.get(f"{self.base_url}/metrics").text
@@ -67,8 +70,15 @@ class ServerProcess:
         raise KeyError(name)
 
 
-def start_server(workdir: Path, model: Path, bootstrap: str, *, verb: str = "serve",
-                 env: dict[str, str] | None = None, timeout_s: float = 300) -> ServerProcess:
+def start_server(
+    workdir: Path,
+    model: Path,
+    bootstrap: str,
+    *,
+    verb: str = "serve",
+    env: dict[str, str] | None = None,
+    timeout_s: float = 300,
+) -> ServerProcess:
     port = free_port()
     outbox = workdir / "outbox"
     log_path = workdir / "server.log"
@@ -87,8 +97,9 @@ def start_server(workdir: Path, model: Path, bootstrap: str, *, verb: str = "ser
     if bootstrap:
         args += ["--kafka", bootstrap]
     with log_path.open("wb") as log:
-        process = subprocess.Popen(args, cwd=workdir, env=full_env, stdout=log,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            args, cwd=workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT
+        )
     server = ServerProcess(f"http://127.0.0.1:{port}", process, log_path, outbox)
     deadline = time.monotonic() + timeout_s
     while True:
@@ -119,8 +130,14 @@ def client(server):
     return OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0)
 
 
-def read_records(bootstrap: str, topic: str, keep: Callable[[dict], bool], expected: int,
-                 timeout_s: float = 60, settle_s: float = 0.0) -> list[tuple[dict, dict]]:
+def read_records(
+    bootstrap: str,
+    topic: str,
+    keep: Callable[[dict], bool],
+    expected: int,
+    timeout_s: float = 60,
+    settle_s: float = 0.0,
+) -> list[tuple[dict, dict]]:
     """Read the topic from the beginning until `expected` kept records are in (or time out);
     then keep reading for `settle_s` to catch extras. Returns (record, headers) pairs."""
     c = consumer(bootstrap, group_id=None)
@@ -151,5 +168,4 @@ def read_records(bootstrap: str, topic: str, keep: Callable[[dict], bool], expec
 
 def json_result(stdout: str) -> dict:
     """The JSON line a helper script printed last (vLLM logs to stdout around it)."""
-    return json.loads(next(line for line in reversed(stdout.splitlines())
-                           if line.startswith("{")))
+    return json.loads(next(line for line in reversed(stdout.splitlines()) if line.startswith("{")))

@@ -22,17 +22,28 @@ def main() -> None:
     model, workdir = sys.argv[1], Path(sys.argv[2])
     workdir.mkdir(parents=True, exist_ok=True)
     prompts = workdir / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n"
-                               for p in ["Plan my week", "How should I choose a school?"]))
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": p}) + "\n"
+            for p in ["Plan my week", "How should I choose a school?"]
+        )
+    )
     cfg = load_config(
         model={"path": model, "max_model_len": 1024},
-        learner={"max_new_tokens": 16, "batch_completions": 16, "checkpoint_every_steps": 1,
-                 "train_dtype": "float32"},
+        learner={
+            "max_new_tokens": 16,
+            "batch_completions": 16,
+            "checkpoint_every_steps": 1,
+            "train_dtype": "float32",
+        },
         gate={"probe_limit": 6, "max_new_tokens": 24},
         registry={"store": str(workdir / "adapters")},
     )
-    learner = Learner(cfg, workdir, lambda prompt_filter, offsets, deferred:
-                      FilePromptSource(prompts, prompt_filter, offsets)).setup()
+    learner = Learner(
+        cfg,
+        workdir,
+        lambda prompt_filter, offsets, deferred: FilePromptSource(prompts, prompt_filter, offsets),
+    ).setup()
     learner.run(max_steps=1)  # v1: one small paper-lr step from the base model
 
     with torch.no_grad():  # v2: the same adapter with its B matrices blown up
@@ -44,17 +55,35 @@ def main() -> None:
     learner.checkpoint(_report(learner))
 
     state = learner.lifecycle.state()
-    print(json.dumps({"live": state.live, "states": state.states, "gate": state.gate_results,
-                      "versions": learner.lifecycle.registry.versions()}))
+    print(
+        json.dumps(
+            {
+                "live": state.live,
+                "states": state.states,
+                "gate": state.gate_results,
+                "versions": learner.lifecycle.registry.versions(),
+            }
+        )
+    )
     learner.close()
 
 
 def _report(learner):
     from learner.loop import StepReport
 
-    return StepReport(step=learner.step, reward_mean=0.0, reward_std=0.0,
-                      zero_variance_groups=0.0, unparsable=0, kl=0.0, loss=0.0, grad_norm=0.0,
-                      completion_tokens=0.0, tokens_per_s=0.0, seconds={})
+    return StepReport(
+        step=learner.step,
+        reward_mean=0.0,
+        reward_std=0.0,
+        zero_variance_groups=0.0,
+        unparsable=0,
+        kl=0.0,
+        loss=0.0,
+        grad_norm=0.0,
+        completion_tokens=0.0,
+        tokens_per_s=0.0,
+        seconds={},
+    )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def known_reward(conversations, candidates):
-    return [[sum(t % 8 == 0 for t in c.token_ids) / max(1, len(c.token_ids)) for c in group]
-            for group in candidates]
+    return [
+        [sum(t % 8 == 0 for t in c.token_ids) / max(1, len(c.token_ids)) for c in group]
+        for group in candidates
+    ]
 
 
 def main() -> None:
@@ -26,23 +28,38 @@ def main() -> None:
     model, workdir, steps, out = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     prompts = workdir / "prompts.jsonl"
     workdir.mkdir(parents=True, exist_ok=True)
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
-                               ["Plan my week", "hello", "What is a path?", "Write a note"]))
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": p}) + "\n"
+            for p in ["Plan my week", "hello", "What is a path?", "Write a note"]
+        )
+    )
     cfg = load_config(
         # 1024: the learner only takes prompts whose judge prompt fits too (~670 tokens here),
         # whether or not this run judges with the policy.
         model={"path": model, "max_model_len": 1024},
         # A high learning rate and no KL: the test asks whether the loop learns at all, fast.
-        learner={"lr": 2e-2, "kl_beta": 0.0, "max_new_tokens": 16, "batch_completions": 32,
-                 "checkpoint_every_steps": 1000, "train_dtype": "float32", "lora_rank": 8},
+        learner={
+            "lr": 2e-2,
+            "kl_beta": 0.0,
+            "max_new_tokens": 16,
+            "batch_completions": 32,
+            "checkpoint_every_steps": 1000,
+            "train_dtype": "float32",
+            "lora_rank": 8,
+        },
         registry={"store": str(workdir / "adapters")},
     )
-    learner = Learner(cfg, workdir, lambda prompt_filter, offsets, deferred:
-                      FilePromptSource(prompts, prompt_filter, offsets),
-                      reward_fn=known_reward).setup()
+    learner = Learner(
+        cfg,
+        workdir,
+        lambda prompt_filter, offsets, deferred: FilePromptSource(prompts, prompt_filter, offsets),
+        reward_fn=known_reward,
+    ).setup()
     with open(out, "w") as f:
-        learner.run(max_steps=steps,
-                    on_step=lambda r: f.write(json.dumps(dataclasses.asdict(r)) + "\n"))
+        learner.run(
+            max_steps=steps, on_step=lambda r: f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+        )
     learner.close()
 
 

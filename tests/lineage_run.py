@@ -17,8 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GATES = {
     "reject": {"max_kl": -1.0},
-    "pass": {"min_win_rate": 0.0, "max_kl": 1e9, "max_length_ratio": 1e9,
-             "max_unparsable_rate": 1.0},
+    "pass": {
+        "min_win_rate": 0.0,
+        "max_kl": 1e9,
+        "max_length_ratio": 1e9,
+        "max_unparsable_rate": 1.0,
+    },
 }
 
 
@@ -34,17 +38,30 @@ def main() -> None:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     prompts = workdir / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n"
-                               for p in ["Plan my week", "How should I choose a school?"]))
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": p}) + "\n"
+            for p in ["Plan my week", "How should I choose a school?"]
+        )
+    )
     cfg = load_config(
         model={"path": model, "max_model_len": 1024},
-        learner={"max_new_tokens": 8, "batch_completions": 16, "checkpoint_every_steps": 1,
-                 "train_dtype": "float32", "lora_rank": 8, "max_user_share": 1.0},
+        learner={
+            "max_new_tokens": 8,
+            "batch_completions": 16,
+            "checkpoint_every_steps": 1,
+            "train_dtype": "float32",
+            "lora_rank": 8,
+            "max_user_share": 1.0,
+        },
         gate={"probe_limit": 2, "max_new_tokens": 8, "ifeval_prompts": 0, **GATES[gate]},
         registry={"store": store},
     )
-    learner = Learner(cfg, workdir, lambda prompt_filter, offsets, deferred:
-                      FilePromptSource(prompts, prompt_filter, offsets))
+    learner = Learner(
+        cfg,
+        workdir,
+        lambda prompt_filter, offsets, deferred: FilePromptSource(prompts, prompt_filter, offsets),
+    )
     try:
         learner.setup()
         learner.run(max_steps=learner.step + int(steps))
@@ -52,10 +69,18 @@ def main() -> None:
         save_file(weights, out)
         state = learner.lifecycle.state()
         registry = learner.lifecycle.registry
-        print(json.dumps({
-            "live": state.live, "states": state.states, "gate": state.gate_results,
-            "parent_version": learner.parent_version, "run_id": learner.run_id,
-            "lineage": {v: registry.manifest(v).lineage for v in registry.versions()}}))
+        print(
+            json.dumps(
+                {
+                    "live": state.live,
+                    "states": state.states,
+                    "gate": state.gate_results,
+                    "parent_version": learner.parent_version,
+                    "run_id": learner.run_id,
+                    "lineage": {v: registry.manifest(v).lineage for v in registry.versions()},
+                }
+            )
+        )
     finally:
         learner.close()
 

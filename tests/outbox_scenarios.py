@@ -20,9 +20,10 @@ import resource
 import signal
 import sys
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prometheus_client import REGISTRY, start_http_server
 
@@ -35,22 +36,33 @@ TOPIC = KafkaConfig().interactions_topic
 
 
 def record(conversation: str, text: str, **fields: Any) -> InteractionRecord:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return InteractionRecord(
-        conversation_id=conversation, created_at=now, served_at=now, model_alias="m",
-        adapter_version=None, user_hash="u", messages=[{"role": "user", "content": text}],
+        conversation_id=conversation,
+        created_at=now,
+        served_at=now,
+        model_alias="m",
+        adapter_version=None,
+        user_hash="u",
+        messages=[{"role": "user", "content": text}],
         response=[Choice(index=0, content="ok", finish_reason="stop")],
-        sampling=SamplingParams(), usage=Usage(), latency_ms=1.0, ttft_ms=None,
-        finish_reason="stop", **fields,
+        sampling=SamplingParams(),
+        usage=Usage(),
+        latency_ms=1.0,
+        ttft_ms=None,
+        finish_reason="stop",
+        **fields,
     )
 
 
 def outbox_for(directory: Path, bootstrap: str, **options: Any) -> Outbox:
     """An outbox whose producer gives up quickly while no broker listens."""
+
     def connect():
         ensure_topics(KafkaConfig(bootstrap=bootstrap), timeout_s=2)
-        return producer(bootstrap, max_block_ms=1000, request_timeout_ms=1000,
-                        delivery_timeout_ms=2000)
+        return producer(
+            bootstrap, max_block_ms=1000, request_timeout_ms=1000, delivery_timeout_ms=2000
+        )
 
     return Outbox(directory, TOPIC, connect, **{"fsync_interval_ms": 10, **options})
 
@@ -123,9 +135,14 @@ def disk_full(directory: str, bootstrap: str, queue_size: int) -> dict:
     wait_until(lambda: box.problem is None, 30, "Outbox.problem cleared once writes succeed")
     drained = box.wait_drained(timeout_s=30)
     box.close()
-    return {"ids": ids, "during": during, "drained": drained,
-            "slowest_append_s": slowest_append_s, "written_before": written,
-            "problem_gauge_after": sample("dynalign_outbox_problem")}
+    return {
+        "ids": ids,
+        "during": during,
+        "drained": drained,
+        "slowest_append_s": slowest_append_s,
+        "written_before": written,
+        "problem_gauge_after": sample("dynalign_outbox_problem"),
+    }
 
 
 def close_on_full_disk(directory: str, bootstrap: str) -> dict:
@@ -144,11 +161,17 @@ def close_on_full_disk(directory: str, bootstrap: str) -> dict:
     box.close(drain_timeout_s=1)
     close_s = time.monotonic() - started
     limit_file_size(None)
-    lines = [json.loads(line) for path in sorted(directory.glob("segment-*.jsonl"))
-             for line in path.read_bytes().splitlines()]
-    return {"close_s": close_s, "unwritten": ids,
-            "dropped": sample("dynalign_outbox_dropped_total", reason="shutdown"),
-            "segment_ids": [line["id"] for line in lines]}
+    lines = [
+        json.loads(line)
+        for path in sorted(directory.glob("segment-*.jsonl"))
+        for line in path.read_bytes().splitlines()
+    ]
+    return {
+        "close_s": close_s,
+        "unwritten": ids,
+        "dropped": sample("dynalign_outbox_dropped_total", reason="shutdown"),
+        "segment_ids": [line["id"] for line in lines],
+    }
 
 
 def outage(directory: str, bootstrap: str, count: int, text_bytes: int) -> dict:
@@ -161,8 +184,11 @@ def outage(directory: str, bootstrap: str, count: int, text_bytes: int) -> dict:
     def append(first: int, stop: int) -> None:
         for i in range(first, stop):
             box.append(template.model_copy(update={"id": f"outage-{i:06d}"}))
-        wait_until(lambda: sample("dynalign_interactions_logged_total") >= stop, 60,
-                   f"{stop} records persisted")
+        wait_until(
+            lambda: sample("dynalign_interactions_logged_total") >= stop,
+            60,
+            f"{stop} records persisted",
+        )
 
     append(0, 1000)  # warm up: the threads, the producer's connection attempts, allocator pools
     baseline = memory_kb()["VmRSS"]
@@ -171,9 +197,14 @@ def outage(directory: str, bootstrap: str, count: int, text_bytes: int) -> dict:
     memory = memory_kb()
     depth = box.depth
     box.close(drain_timeout_s=0)
-    return {"baseline_kb": baseline, "rss_kb": memory["VmRSS"], "peak_kb": memory["VmHWM"],
-            "depth": depth, "seconds": time.monotonic() - started,
-            "dropped": sample("dynalign_outbox_dropped_total", reason="queue_full")}
+    return {
+        "baseline_kb": baseline,
+        "rss_kb": memory["VmRSS"],
+        "peak_kb": memory["VmHWM"],
+        "depth": depth,
+        "seconds": time.monotonic() - started,
+        "dropped": sample("dynalign_outbox_dropped_total", reason="queue_full"),
+    }
 
 
 def drain(directory: str, bootstrap: str) -> dict:
@@ -186,9 +217,14 @@ def drain(directory: str, bootstrap: str) -> dict:
     drained = box.wait_drained(timeout_s=240)
     memory = memory_kb()
     box.close()
-    return {"baseline_kb": baseline, "rss_kb": memory["VmRSS"], "peak_kb": memory["VmHWM"],
-            "depth_at_start": depth_at_start, "drained": drained,
-            "seconds": time.monotonic() - started}
+    return {
+        "baseline_kb": baseline,
+        "rss_kb": memory["VmRSS"],
+        "peak_kb": memory["VmHWM"],
+        "depth_at_start": depth_at_start,
+        "drained": drained,
+        "seconds": time.monotonic() - started,
+    }
 
 
 def alerting(directory: str, metrics_port: int) -> dict:

@@ -42,14 +42,20 @@ def test_a_sound_version_passes_and_materializes_the_checked_bytes(store, tmp_pa
     assert (loaded / WEIGHTS).read_bytes() == original
 
 
-@pytest.mark.parametrize("change, problem", [
-    # lora_alpha = 1e9 in place: the config is covered by the manifest's checksums.
-    (lambda d: (d / CONFIG).write_text(json.dumps(
-        {**json.loads((d / CONFIG).read_text()), "lora_alpha": 1e9})),
-     "adapter_config.json sha256 does not match"),
-    (lambda d: (d / WEIGHTS).unlink(), "adapter_model.safetensors is missing"),
-    (lambda d: (d / "manifest.json").write_text("{"), "cannot read the manifest"),
-])
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        # lora_alpha = 1e9 in place: the config is covered by the manifest's checksums.
+        (
+            lambda d: (d / CONFIG).write_text(
+                json.dumps({**json.loads((d / CONFIG).read_text()), "lora_alpha": 1e9})
+            ),
+            "adapter_config.json sha256 does not match",
+        ),
+        (lambda d: (d / WEIGHTS).unlink(), "adapter_model.safetensors is missing"),
+        (lambda d: (d / "manifest.json").write_text("{"), "cannot read the manifest"),
+    ],
+)
 def test_tampered_or_incomplete_versions_are_refused(store, tmp_path, change, problem):
     registry, fingerprint = store
     verified = verify_adapter(_copy(registry, tmp_path, change), fingerprint, 16)

@@ -17,11 +17,11 @@ import httpx
 import pytest
 
 from shared.config import KafkaConfig
-from shared.kafka import EmbeddedBroker, ensure_topics
 from shared.files import file_sha256
+from shared.kafka import EmbeddedBroker, ensure_topics
 from shared.registry import MANIFEST, WEIGHTS, Registry
-from tests.synthetic import publish_random
 from tests.conftest import API_KEY, REPO, json_result, read_records, start_server
+from tests.synthetic import publish_random
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +38,10 @@ def fleet(tmp_path_factory, tiny_model):
     publish_random(registry, tiny_model, seed=2, scale=0.3)  # v2
     with EmbeddedBroker() as broker:
         ensure_topics(KafkaConfig(bootstrap=broker.bootstrap))
-        env = {"DYNALIGN_REGISTRY__STORE": str(store),
-               "DYNALIGN_SERVING__OPERATOR_TOKENS": json.dumps({"ops": OPERATOR})}
+        env = {
+            "DYNALIGN_REGISTRY__STORE": str(store),
+            "DYNALIGN_SERVING__OPERATOR_TOKENS": json.dumps({"ops": OPERATOR}),
+        }
         (work / "a").mkdir()
         server = start_server(work / "a", tiny_model, broker.bootstrap, env=env)
         try:
@@ -54,10 +56,17 @@ def admin(server, path: str, token: str | None = OPERATOR, **body) -> httpx.Resp
 
 
 def ask(server, model: str = "dynalign", key: str = API_KEY) -> httpx.Response:
-    return httpx.post(f"{server.base_url}/v1/chat/completions", timeout=60,
-                      headers={"Authorization": f"Bearer {key}"},
-                      json={"model": model, "max_tokens": 4, "temperature": 0,
-                            "messages": [{"role": "user", "content": "Plan my week"}]})
+    return httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        timeout=60,
+        headers={"Authorization": f"Bearer {key}"},
+        json={
+            "model": model,
+            "max_tokens": 4,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "Plan my week"}],
+        },
+    )
 
 
 def served_version(server) -> str:
@@ -70,8 +79,9 @@ def test_admin_routes_need_an_operator_token(fleet):
     assert admin(server, "/pin", token="nonsense").status_code == 401
     refused = admin(server, "/pin", token=API_KEY)
     assert refused.status_code == 403 and "chat API key" in refused.json()["error"]["message"]
-    listing = httpx.get(f"{server.base_url}/admin/adapters",
-                        headers={"Authorization": f"Bearer {OPERATOR}"})
+    listing = httpx.get(
+        f"{server.base_url}/admin/adapters", headers={"Authorization": f"Bearer {OPERATOR}"}
+    )
     assert [v["version"] for v in listing.json()["versions"]] == registry.versions()
 
 
@@ -86,8 +96,14 @@ def test_swaps_under_load_fail_nothing_and_every_answer_names_its_version(fleet)
             try:
                 r = ask(server)
                 r.raise_for_status()
-                seen.append((time.monotonic(), r.headers["x-dynalign-adapter-version"],
-                             r.json()["model"], r.headers.get("x-dynalign-interaction-id", "")))
+                seen.append(
+                    (
+                        time.monotonic(),
+                        r.headers["x-dynalign-adapter-version"],
+                        r.json()["model"],
+                        r.headers.get("x-dynalign-interaction-id", ""),
+                    )
+                )
             except Exception as exc:  # noqa: BLE001 - every failure is the test's finding
                 failures.append(repr(exc))
 
@@ -109,9 +125,11 @@ def test_swaps_under_load_fail_nothing_and_every_answer_names_its_version(fleet)
     for t in threads:
         t.start()
     try:
-        delays = [switch(f"/adapters/{first}/promote", str(first), reason="first"),
-                  switch(f"/adapters/{second}/promote", str(second), reason="better"),
-                  switch("/adapters/rollback", str(first), reason="it misbehaves")]
+        delays = [
+            switch(f"/adapters/{first}/promote", str(first), reason="first"),
+            switch(f"/adapters/{second}/promote", str(second), reason="better"),
+            switch("/adapters/rollback", str(first), reason="it misbehaves"),
+        ]
     finally:
         stop.set()
         for t in threads:
@@ -124,17 +142,26 @@ def test_swaps_under_load_fail_nothing_and_every_answer_names_its_version(fleet)
         assert model == ("dynalign" if version == "base" else f"dynalign-v{version}")
     # ... and so does every interaction record.
     by_id = {rid: version for _, version, _, rid in seen}
-    records = read_records(broker.bootstrap, KafkaConfig().interactions_topic,
-                           lambda r: r["id"] in by_id, expected=len(by_id), timeout_s=60)
+    records = read_records(
+        broker.bootstrap,
+        KafkaConfig().interactions_topic,
+        lambda r: r["id"] in by_id,
+        expected=len(by_id),
+        timeout_s=60,
+    )
     for record, _ in records:
         expected = by_id[record["id"]]
         assert str(record["adapter_version"] or "base") == expected
 
     audit = registry.audit_log()
     assert [(e.action, e.from_version, e.to_version) for e in audit[-3:]] == [
-        ("promote", live_before, first), ("promote", first, second),
-        ("rollback", second, first)]
-    assert audit[-1].reason == "it misbehaves" and audit[-1].actor == "ops"  # the name bound to the token
+        ("promote", live_before, first),
+        ("promote", first, second),
+        ("rollback", second, first),
+    ]
+    assert (
+        audit[-1].reason == "it misbehaves" and audit[-1].actor == "ops"
+    )  # the name bound to the token
 
 
 def _copy_version(registry: Registry, source: int, mutate) -> int:
@@ -173,6 +200,7 @@ def test_bad_versions_are_refused_with_the_problem_named(fleet, tiny_model):
             key = next(iter(t))
             t[key][0, 0] = float("nan")
             return t
+
         _rewrite_weights(d, poison)
 
     def wrong_base(d: Path) -> None:
@@ -205,11 +233,25 @@ def test_two_servers_converge_through_promote_rollback_and_restart(fleet, tiny_m
     (work / "b").mkdir(exist_ok=True)
     server_b = start_server(work / "b", tiny_model, broker.bootstrap, env=env)
     try:
+
         def cli(*args: str) -> None:
-            subprocess.run([sys.executable, "-m", "dynalign", "adapters", *args, "--store",
-                            str(registry.root), "--kafka", broker.bootstrap, "--json"],
-                           check=True, capture_output=True,
-                           env={**os.environ, **env, "DYNALIGN_MODEL__PATH": str(tiny_model)})
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "dynalign",
+                    "adapters",
+                    *args,
+                    "--store",
+                    str(registry.root),
+                    "--kafka",
+                    broker.bootstrap,
+                    "--json",
+                ],
+                check=True,
+                capture_output=True,
+                env={**os.environ, **env, "DYNALIGN_MODEL__PATH": str(tiny_model)},
+            )
 
         def converged(expected: str) -> None:
             deadline = time.monotonic() + 5
@@ -235,8 +277,12 @@ def test_two_servers_converge_through_promote_rollback_and_restart(fleet, tiny_m
 
 
 def test_gate_rejects_an_exploding_candidate_and_accepts_a_sound_one(tmp_path, tiny_model):
-    out = subprocess.run([sys.executable, str(REPO / "tests" / "gate_run.py"), str(tiny_model),
-                          str(tmp_path)], capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "gate_run.py"), str(tiny_model), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     state = json_result(out.stdout)
     assert state["versions"] == [1, 2]

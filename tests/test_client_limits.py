@@ -41,10 +41,21 @@ def test_the_token_bucket_refills_at_the_rate(monkeypatch):
     limits.admit("a").release()
 
 
-@pytest.mark.parametrize("value, expected", [
-    (False, False), ("False", False), ("0", False), (0, False), ("no", False), (" off ", False),
-    (True, True), ("true", True), ("1", True), ("YES", True),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (False, False),
+        ("False", False),
+        ("0", False),
+        (0, False),
+        ("no", False),
+        (" off ", False),
+        (True, True),
+        ("true", True),
+        ("1", True),
+        ("YES", True),
+    ],
+)
 def test_flags_are_read_as_clients_spell_them(value, expected):
     assert parse_flag(value, "metadata.train") is expected
 

@@ -13,13 +13,26 @@ from shared.config import load_config
 
 
 def dynalign(*args: str, env: dict[str, str] | None = None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "dynalign", *args], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **(env or {})}, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "dynalign", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
 
 
 def test_a_misspelt_flag_value_exits_2_naming_the_field(tmp_path):
-    out = dynalign("learn", "--reward-mode", "expectd", "--prompts", str(tmp_path / "p.jsonl"),
-                   "--workdir", str(tmp_path / "learner"))
+    out = dynalign(
+        "learn",
+        "--reward-mode",
+        "expectd",
+        "--prompts",
+        str(tmp_path / "p.jsonl"),
+        "--workdir",
+        str(tmp_path / "learner"),
+    )
     assert out.returncode == 2, out.stdout + out.stderr
     assert "learner.reward_mode" in out.stdout and "expectd" in out.stdout
     assert not (tmp_path / "learner").exists()  # nothing was started

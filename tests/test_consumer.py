@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from kafka import KafkaAdminClient, KafkaProducer
@@ -28,9 +28,10 @@ def cfg():
     """A fresh broker per test: the topic holds exactly what the test produced, in one
     partition, so the order of reading is the order of producing."""
     with EmbeddedBroker() as broker:
-        config = load_config(kafka={"bootstrap": broker.bootstrap, "partitions": 1},
-                             learner={"consumer_group": f"test-{uuid.uuid4().hex[:6]}",
-                                      "max_user_share": 0.5})
+        config = load_config(
+            kafka={"bootstrap": broker.bootstrap, "partitions": 1},
+            learner={"consumer_group": f"test-{uuid.uuid4().hex[:6]}", "max_user_share": 0.5},
+        )
         ensure_topics(config.kafka)
         yield config
 
@@ -38,23 +39,37 @@ def cfg():
 def produce(cfg: DynalignConfig, *prompts: tuple[str, str]) -> None:
     """(principal, text) records, as the server's outbox writes them."""
     producer = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for principal, text in prompts:
         record = InteractionRecord(
-            conversation_id=uuid.uuid4().hex, created_at=now, served_at=now,
-            model_alias="dynalign", adapter_version=None, user_hash=principal,
-            principal_hash=principal, messages=[{"role": "user", "content": text}],
-            response=[Choice(index=0, content="ok")], sampling=SamplingParams(), usage=Usage(),
-            latency_ms=1.0, ttft_ms=None, finish_reason="stop")
-        producer.send(cfg.kafka.interactions_topic, key=record.conversation_id.encode(),
-                      value=record.model_dump_json().encode(),
-                      headers=[("schema-version", b"2")]).get(timeout=30)
+            conversation_id=uuid.uuid4().hex,
+            created_at=now,
+            served_at=now,
+            model_alias="dynalign",
+            adapter_version=None,
+            user_hash=principal,
+            principal_hash=principal,
+            messages=[{"role": "user", "content": text}],
+            response=[Choice(index=0, content="ok")],
+            sampling=SamplingParams(),
+            usage=Usage(),
+            latency_ms=1.0,
+            ttft_ms=None,
+            finish_reason="stop",
+        )
+        producer.send(
+            cfg.kafka.interactions_topic,
+            key=record.conversation_id.encode(),
+            value=record.model_dump_json().encode(),
+            headers=[("schema-version", b"2")],
+        ).get(timeout=30)
     producer.close()
 
 
 def source(cfg: DynalignConfig, **resume) -> KafkaPromptSource:
-    prompt_filter = PromptFilter(lambda messages: None, remembered_keys=1000,
-                                 max_user_share=cfg.learner.max_user_share)
+    prompt_filter = PromptFilter(
+        lambda messages: None, remembered_keys=1000, max_user_share=cfg.learner.max_user_share
+    )
     return KafkaPromptSource(cfg, prompt_filter, poll_timeout_s=0.2, **resume)
 
 
@@ -69,16 +84,22 @@ def committed(cfg: DynalignConfig) -> dict[str, int]:
         offsets = admin.list_group_offsets(group)[group]
     finally:
         admin.close()
-    return {f"{tp.topic}:{tp.partition}": meta.offset for tp, meta in offsets.items()
-            if meta.offset >= 0}
+    return {
+        f"{tp.topic}:{tp.partition}": meta.offset
+        for tp, meta in offsets.items()
+        if meta.offset >= 0
+    }
 
 
 # -- 2. a step longer than max_poll_interval_ms ---------------------------------------------------
 def test_commit_succeeds_after_a_step_longer_than_max_poll_interval(cfg, monkeypatch):
     """Subscribed to a group, a learner whose step outlasted max_poll_interval_ms was dropped
     from the group, and its post-checkpoint commit failed (CommitFailedError)."""
-    for name, ms in (("session_timeout_ms", 2000), ("heartbeat_interval_ms", 500),
-                     ("max_poll_interval_ms", 2000)):
+    for name, ms in (
+        ("session_timeout_ms", 2000),
+        ("heartbeat_interval_ms", 500),
+        ("max_poll_interval_ms", 2000),
+    ):
         monkeypatch.setitem(shared.kafka.FAST_GROUP_TIMEOUTS, name, ms)
     produce(cfg, *[(f"p{i}", f"prompt {i}") for i in range(4)])
     src = source(cfg)
@@ -131,8 +152,11 @@ def test_deferred_prompts_survive_a_restart_through_the_checkpoint(cfg):
         src.close()
     # The learner checkpoints the batch's position and commits its offsets, which have moved
     # past "a2": only the checkpoint still holds it.
-    state = CheckpointState.model_validate_json(CheckpointState(
-        step=1, next_offsets=batch.next_offsets, deferred=batch.deferred).model_dump_json())
+    state = CheckpointState.model_validate_json(
+        CheckpointState(
+            step=1, next_offsets=batch.next_offsets, deferred=batch.deferred
+        ).model_dump_json()
+    )
     produce(cfg, ("other", "b2"))
     resumed = source(cfg, start_offsets=state.next_offsets, deferred=state.deferred)
     try:
@@ -159,8 +183,9 @@ def test_partitions_that_appear_later_are_read():
     """Partitions are assigned, not handed out by a group: a learner started before its topic
     exists (or before partitions are added) picks up every partition once it does."""
     with EmbeddedBroker() as broker:
-        cfg = load_config(kafka={"bootstrap": broker.bootstrap, "partitions": 3},
-                          learner={"max_user_share": 1.0})
+        cfg = load_config(
+            kafka={"bootstrap": broker.bootstrap, "partitions": 3}, learner={"max_user_share": 1.0}
+        )
         src = source(cfg)
         try:
             assert src.next_batch(1, max_idle_polls=2) is None  # no topic yet

@@ -74,12 +74,14 @@ def test_engine_runs_the_grouped_ops_and_matches_peft(tiny_model, tmp_path):
         adapter = LoRARequest("random", 1, str(tmp_path / "adapter"))
         # One batch: the same prompt without adapter, then with it.
         without, with_adapter = llm.generate(
-            [{"prompt_token_ids": prompt}] * 2, params, lora_request=[None, adapter],
-            use_tqdm=False)
-        torch.testing.assert_close(torch.tensor(_prompt_logprobs(with_adapter)), peft_logprobs,
-                                   atol=2e-4, rtol=0)
-        torch.testing.assert_close(torch.tensor(_prompt_logprobs(without)), base_logprobs,
-                                   atol=2e-4, rtol=0)
+            [{"prompt_token_ids": prompt}] * 2, params, lora_request=[None, adapter], use_tqdm=False
+        )
+        torch.testing.assert_close(
+            torch.tensor(_prompt_logprobs(with_adapter)), peft_logprobs, atol=2e-4, rtol=0
+        )
+        torch.testing.assert_close(
+            torch.tensor(_prompt_logprobs(without)), base_logprobs, atol=2e-4, rtol=0
+        )
         assert (peft_logprobs - base_logprobs).abs().max() > 0.1  # the adapter matters
     finally:
         llm.llm_engine.engine_core.shutdown()

@@ -33,13 +33,18 @@ DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 # Measured at <= 30 s; the grace period must be comfortably above it.
 DRAIN_BUDGET_S = 30
 # The server's secrets (the configuration contract), as env vars, Secret keys and env-file lines.
-SECRET_VARS = {"DYNALIGN_SERVING__API_KEYS", "DYNALIGN_SERVING__OPERATOR_TOKENS",
-               "DYNALIGN_SERVING__USER_HASH_SALT"}
+SECRET_VARS = {
+    "DYNALIGN_SERVING__API_KEYS",
+    "DYNALIGN_SERVING__OPERATOR_TOKENS",
+    "DYNALIGN_SERVING__USER_HASH_SALT",
+}
 SECRET_NAME = "dynalign-secrets"
 # Stand-ins for the secrets where a test builds the config a pod would see.
-SECRET_STAND_INS = {"DYNALIGN_SERVING__API_KEYS": '["test-key"]',
-                    "DYNALIGN_SERVING__OPERATOR_TOKENS": '{"alice": "test-token"}',
-                    "DYNALIGN_SERVING__USER_HASH_SALT": "test-salt"}
+SECRET_STAND_INS = {
+    "DYNALIGN_SERVING__API_KEYS": '["test-key"]',
+    "DYNALIGN_SERVING__OPERATOR_TOKENS": '{"alice": "test-token"}',
+    "DYNALIGN_SERVING__USER_HASH_SALT": "test-salt",
+}
 TOPIC_VARS = {"DYNALIGN_KAFKA__REPLICATION_FACTOR": "3", "DYNALIGN_KAFKA__MIN_INSYNC_REPLICAS": "2"}
 SECRET_LIKE = re.compile(r"KEY|TOKEN|SALT|PASSWORD|SECRET")
 DYNALIGN_WORKLOADS = {"dynalign-server": "serve", "dynalign-learner": "learn"}
@@ -51,8 +56,12 @@ def kustomize_resources() -> list[str]:
 
 
 def k8s_documents() -> list[dict]:
-    return [doc for name in kustomize_resources()
-            for doc in yaml.safe_load_all((K8S / name).read_text()) if doc]
+    return [
+        doc
+        for name in kustomize_resources()
+        for doc in yaml.safe_load_all((K8S / name).read_text())
+        if doc
+    ]
 
 
 def by_kind() -> dict[str, dict[str, dict]]:
@@ -89,8 +98,11 @@ def compose_env(service: dict) -> dict[str, str]:
 
 
 def env_file_vars(path: Path) -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines()
-             if line.strip() and not line.lstrip().startswith("#"))
+    pairs = (
+        line.split("=", 1)
+        for line in path.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    )
     return {key.strip(): value for key, value in pairs}
 
 
@@ -147,14 +159,16 @@ def test_kustomization_lists_every_manifest():
     documents = k8s_documents()
     keys = [(doc["kind"], doc["metadata"]["name"]) for doc in documents]
     assert len(keys) == len(set(keys)), "two objects share a kind and name"
-    assert all(doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "dynalign"
-               for doc in documents)
+    assert all(
+        doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "dynalign" for doc in documents
+    )
 
 
 def test_manifests_pass_the_kubernetes_schema():
     """Strict: an unknown or misspelt field fails (kubectl would reject or silently drop it)."""
     kubernetes_validate = pytest.importorskip(
-        "kubernetes_validate", reason="kubernetes-validate is in the test extra")
+        "kubernetes_validate", reason="kubernetes-validate is in the test extra"
+    )
     for doc in k8s_documents():
         # 1.27: the oldest release deploy/README.md supports (StatefulSet claim retention).
         kubernetes_validate.validate(doc, "1.27", strict=True)
@@ -163,8 +177,18 @@ def test_manifests_pass_the_kubernetes_schema():
 def test_compose_file_passes_the_compose_schema():
     pytest.importorskip("check_jsonschema", reason="check-jsonschema is in the test extra")
     result = subprocess.run(
-        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
-         str(COMPOSE_FILE)], capture_output=True, text=True, check=False)
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(COMPOSE_FILE),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -210,12 +234,14 @@ def test_server_grace_period_covers_the_drain():
     grace = pod_spec(server)["terminationGracePeriodSeconds"]
     pre_stop = container.get("lifecycle", {}).get("preStop", {})
     pre_stop_s = int(pre_stop["exec"]["command"][-1]) if pre_stop else 0
-    assert grace >= pre_stop_s + 2 * DRAIN_BUDGET_S, \
+    assert grace >= pre_stop_s + 2 * DRAIN_BUDGET_S, (
         f"grace {grace} s: preStop {pre_stop_s} s + drain {DRAIN_BUDGET_S} s, doubled"
+    )
 
     stop = compose()["services"]["server"]["stop_grace_period"]
-    assert re.fullmatch(r"\d+s", stop) and int(stop[:-1]) >= 2 * DRAIN_BUDGET_S, \
+    assert re.fullmatch(r"\d+s", stop) and int(stop[:-1]) >= 2 * DRAIN_BUDGET_S, (
         f"compose stop_grace_period {stop}: Docker's default 10 s cuts the drain short"
+    )
 
 
 # -- every container ------------------------------------------------------------------------------
@@ -242,8 +268,11 @@ def test_every_container_runs_hardened():
                 assert context["runAsUser"] == uid, f"{where}: the image's user is {uid}"
                 assert context["readOnlyRootFilesystem"] is True, where
                 # The caches and scratch the engine writes are mounted writable.
-                writable = {m["mountPath"] for m in container["volumeMounts"]
-                            if "emptyDir" in volumes.get(m["name"], {})}
+                writable = {
+                    m["mountPath"]
+                    for m in container["volumeMounts"]
+                    if "emptyDir" in volumes.get(m["name"], {})
+                }
                 assert {dockerfile_home(), "/tmp"} <= writable, where
 
 
@@ -255,8 +284,9 @@ def test_every_container_has_resources_and_probes():
             assert {"cpu", "memory"} <= resources.get("requests", {}).keys(), where
             assert {"cpu", "memory"} <= resources.get("limits", {}).keys(), where
             assert {"livenessProbe", "readinessProbe"} <= container.keys(), where
-            ports = {p["name"] for p in container.get("ports", [])} | \
-                {p["containerPort"] for p in container.get("ports", [])}
+            ports = {p["name"] for p in container.get("ports", [])} | {
+                p["containerPort"] for p in container.get("ports", [])
+            }
             for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
                 if kind in container:
                     probe = container[kind]
@@ -271,11 +301,16 @@ def test_every_container_has_resources_and_probes():
 
 
 def test_images_are_pinned():
-    refs = {f"k8s {name}/{c['name']}": c["image"]
-            for name, workload in workloads().items() for c in containers(workload)}
+    refs = {
+        f"k8s {name}/{c['name']}": c["image"]
+        for name, workload in workloads().items()
+        for c in containers(workload)
+    }
     refs |= {f"compose {name}": s["image"] for name, s in compose()["services"].items()}
-    refs |= {f"Dockerfile FROM {i}": ref for i, ref in
-             enumerate(re.findall(r"^FROM\s+(\S+)", DOCKERFILE.read_text(), re.M))}
+    refs |= {
+        f"Dockerfile FROM {i}": ref
+        for i, ref in enumerate(re.findall(r"^FROM\s+(\S+)", DOCKERFILE.read_text(), re.M))
+    }
     for where, ref in refs.items():
         tag = image_tag(ref)
         assert tag and tag != "latest", f"{where}: {ref} is not pinned"
@@ -302,14 +337,22 @@ def test_secrets_come_from_secret_references_only():
                     assert ref and "value" not in e, f"{name}: {e['name']} is a literal"
                     assert ref["name"] == SECRET_NAME and ref["key"] == e["name"]
                     assert not ref.get("optional"), f"{name}: start without {e['name']}?"
-    server_secrets = {e["name"] for c in containers(workloads()["dynalign-server"])
-                      for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    server_secrets = {
+        e["name"]
+        for c in containers(workloads()["dynalign-server"])
+        for e in c["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
     assert server_secrets == SECRET_VARS
     # Least privilege: nothing else gets them.
     for name, workload in workloads().items():
         if name != "dynalign-server":
-            assert not any("valueFrom" in e for c in containers(workload)
-                           for e in c.get("env", []) if SECRET_LIKE.search(e["name"])), name
+            assert not any(
+                "valueFrom" in e
+                for c in containers(workload)
+                for e in c.get("env", [])
+                if SECRET_LIKE.search(e["name"])
+            ), name
 
     toml = kinds["ConfigMap"]["dynalign-config"]["data"]["dynalign.toml"]
     for text in (toml, (DEPLOY / "config" / "dynalign.toml").read_text()):
@@ -321,25 +364,33 @@ def test_secrets_come_from_secret_references_only():
 
 def test_nothing_serves_without_keys():
     """No --insecure-no-auth anywhere, and the chat servers get API keys."""
-    texts = [path.read_text() for path in (*K8S.glob("*.yaml"), COMPOSE_FILE,
-                                           DEPLOY / "config" / "dynalign.toml")]
+    texts = [
+        path.read_text()
+        for path in (*K8S.glob("*.yaml"), COMPOSE_FILE, DEPLOY / "config" / "dynalign.toml")
+    ]
     assert not any("insecure" in text.lower() for text in texts)
     assert "DYNALIGN_SERVING__API_KEYS" in env_file_vars(COMPOSE_DIR / "secrets.env.example")
     assert "secrets.env" in compose()["services"]["server"]["env_file"]
 
 
 def test_compose_env_files_are_examples_checked_in_and_real_files_ignored():
-    files = {Path(f) for service in compose()["services"].values()
-             for f in service.get("env_file", [])}
+    files = {
+        Path(f) for service in compose()["services"].values() for f in service.get("env_file", [])
+    }
     assert files == {Path("secrets.env"), Path("grafana.env")}
-    tracked = subprocess.run(["git", "-C", str(REPO), "ls-files", "--", str(COMPOSE_DIR)],
-                             capture_output=True, text=True, check=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "--", str(COMPOSE_DIR)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for name in files:
         real, example = COMPOSE_DIR / name, COMPOSE_DIR / f"{name}.example"
         assert example.is_file(), f"{example} is missing"
         assert str(example.relative_to(REPO)) in tracked
-        ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", str(real)],
-                                 check=False)
+        ignored = subprocess.run(
+            ["git", "-C", str(REPO), "check-ignore", "-q", str(real)], check=False
+        )
         assert ignored.returncode == 0, f"{real} is not git-ignored"
         assert str(real.relative_to(REPO)) not in tracked
         # Placeholders are empty: an example copied unfilled refuses to start, never runs
@@ -347,8 +398,9 @@ def test_compose_env_files_are_examples_checked_in_and_real_files_ignored():
         values = env_file_vars(example)
         assert values and not any(values.values()), f"{example} has non-empty values"
     assert env_file_vars(COMPOSE_DIR / "secrets.env.example").keys() == SECRET_VARS
-    assert env_file_vars(COMPOSE_DIR / "grafana.env.example").keys() == \
-        {"GF_SECURITY_ADMIN_PASSWORD"}
+    assert env_file_vars(COMPOSE_DIR / "grafana.env.example").keys() == {
+        "GF_SECURITY_ADMIN_PASSWORD"
+    }
     # `COPY . .` must not bake the real files into the image.
     dockerignore = (DEPLOY / "docker" / "Dockerfile.dockerignore").read_text().split()
     assert "**/*.env" in dockerignore
@@ -359,12 +411,14 @@ def test_compose_publishes_on_loopback_and_grafana_has_no_default_credentials():
     for name, service in services.items():
         for port in service.get("ports", []):
             host = str(port).rsplit(":", 2)[0] if str(port).count(":") == 2 else None
-            assert host and ipaddress.ip_address(host).is_loopback, \
+            assert host and ipaddress.ip_address(host).is_loopback, (
                 f"compose {name} publishes {port} beyond this host"
+            )
     grafana = services["grafana"]
     env = compose_env(grafana)
-    assert not {"GF_SECURITY_ADMIN_PASSWORD", "GF_SECURITY_ADMIN_USER"} & env.keys(), \
+    assert not {"GF_SECURITY_ADMIN_PASSWORD", "GF_SECURITY_ADMIN_USER"} & env.keys(), (
         "Grafana's credentials come from grafana.env"
+    )
     assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
     # Grafana falls back to admin/admin on an empty password: it must refuse to start then.
     entrypoint = " ".join(grafana["entrypoint"])
@@ -381,10 +435,13 @@ def test_topics_are_replicated_three_ways_with_two_in_sync():
         assert TOPIC_VARS.items() <= compose_env(compose()["services"][name.split("-")[1]]).items()
 
     # Three KRaft brokers with the same broker defaults, in compose and on Kubernetes.
-    broker_defaults = {"KAFKA_DEFAULT_REPLICATION_FACTOR": "3", "KAFKA_MIN_INSYNC_REPLICAS": "2",
-                       "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "3",
-                       "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "3",
-                       "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "2"}
+    broker_defaults = {
+        "KAFKA_DEFAULT_REPLICATION_FACTOR": "3",
+        "KAFKA_MIN_INSYNC_REPLICAS": "2",
+        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "3",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "3",
+        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "2",
+    }
     kafka_services = {n: s for n, s in compose()["services"].items() if n.startswith("kafka")}
     assert len(kafka_services) == 3
     cluster_ids = set()
@@ -407,8 +464,9 @@ def test_topics_are_replicated_three_ways_with_two_in_sync():
     assert broker_defaults.items() <= env.items()
     assert "controller" in env["KAFKA_PROCESS_ROLES"]
     headless = kafka["spec"]["serviceName"]
-    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",") == \
-        [f"{i}@kafka-{i}.{headless}:9093" for i in range(3)]
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",") == [
+        f"{i}@kafka-{i}.{headless}:9093" for i in range(3)
+    ]
     assert "${HOSTNAME##*-}" in " ".join(container["command"])  # node.id = pod ordinal
     assert env["KAFKA_ADVERTISED_LISTENERS"] == f"PLAINTEXT://$(POD_NAME).{headless}:9092"
     assert {"data"} == {t["metadata"]["name"] for t in kafka["spec"]["volumeClaimTemplates"]}
@@ -419,8 +477,9 @@ def test_topics_are_replicated_three_ways_with_two_in_sync():
 
 
 def test_every_dynalign_variable_names_a_config_field():
-    names = {e["name"] for w in workloads().values() for c in containers(w)
-             for e in c.get("env", [])}
+    names = {
+        e["name"] for w in workloads().values() for c in containers(w) for e in c.get("env", [])
+    }
     names |= {k for s in compose()["services"].values() for k in compose_env(s)}
     names |= env_file_vars(COMPOSE_DIR / "secrets.env.example").keys()
     unknown = set()
@@ -439,8 +498,11 @@ def test_learner_is_a_single_instance():
     assert learner["spec"]["replicas"] == 1
     assert learner["spec"]["strategy"] == {"type": "Recreate"}
     assert "HorizontalPodAutoscaler" not in kinds
-    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod_spec(learner)["volumes"]
-              if "persistentVolumeClaim" in v}
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod_spec(learner)["volumes"]
+        if "persistentVolumeClaim" in v
+    }
     checkpoints = kinds["PersistentVolumeClaim"]["dynalign-learner"]
     assert checkpoints["metadata"]["name"] in claims
     assert checkpoints["spec"]["accessModes"] == ["ReadWriteOnce"]
@@ -450,8 +512,15 @@ def test_learner_is_a_single_instance():
 # -- deploy/ against the config -------------------------------------------------------------------
 def test_compose_file_references_what_exists_and_agrees_with_the_config(tmp_path, monkeypatch):
     services = compose()["services"]
-    assert set(services) == {"kafka-1", "kafka-2", "kafka-3", "server", "learner", "prometheus",
-                             "grafana"}
+    assert set(services) == {
+        "kafka-1",
+        "kafka-2",
+        "kafka-3",
+        "server",
+        "learner",
+        "prometheus",
+        "grafana",
+    }
 
     # service -> container path -> host path (bind mounts) or volume name
     mounts: dict[str, dict[str, Path | str]] = {}
@@ -473,8 +542,9 @@ def test_compose_file_references_what_exists_and_agrees_with_the_config(tmp_path
     for name in ("server", "learner"):
         env = compose_env(services[name])
         for env_file in services[name].get("env_file", []):
-            env |= {k: SECRET_STAND_INS[k]
-                    for k in env_file_vars(COMPOSE_DIR / f"{env_file}.example")}
+            env |= {
+                k: SECRET_STAND_INS[k] for k in env_file_vars(COMPOSE_DIR / f"{env_file}.example")
+            }
         config_file = mounts[name][env["DYNALIGN_CONFIG"]]
         config = config_from(config_file.read_text(), env, tmp_path, monkeypatch)
         assert config.serving.port == ServingConfig().port
@@ -482,8 +552,11 @@ def test_compose_file_references_what_exists_and_agrees_with_the_config(tmp_path
         # Every bootstrap address is a broker advertising itself under that address.
         for address in config.kafka.bootstrap.split(","):
             host, port = address.split(":")
-            assert host in services and f"//{host}:{port}" in \
-                services[host]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+            assert (
+                host in services
+                and f"//{host}:{port}"
+                in services[host]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+            )
         # The learner publishes versions where the server follows them: one shared volume.
         store = str(config.registry.store)
         assert mounts["server"][store] == mounts["learner"][store] in compose()["volumes"]
@@ -506,12 +579,19 @@ def test_compose_file_references_what_exists_and_agrees_with_the_config(tmp_path
     grafana = mounts["grafana"]
     assert grafana["/etc/grafana/provisioning"] == DEPLOY / "grafana" / "provisioning"
     provider = yaml.safe_load(
-        (DEPLOY / "grafana" / "provisioning" / "dashboards" / "dynalign.yml").read_text())
+        (DEPLOY / "grafana" / "provisioning" / "dashboards" / "dynalign.yml").read_text()
+    )
     dashboards_path = provider["providers"][0]["options"]["path"]
     assert grafana[dashboards_path] == DEPLOY / "grafana" / "dashboards"
-    datasource_url = next(iter(yaml.safe_load(next(
-        (DEPLOY / "grafana" / "provisioning" / "datasources").glob("*.yml")).read_text())
-        ["datasources"]))["url"]
+    datasource_url = next(
+        iter(
+            yaml.safe_load(
+                next(
+                    (DEPLOY / "grafana" / "provisioning" / "datasources").glob("*.yml")
+                ).read_text()
+            )["datasources"]
+        )
+    )["url"]
     assert datasource_url == "http://prometheus:9090"
 
 
@@ -520,15 +600,19 @@ def test_kubernetes_manifests_agree_with_the_config(tmp_path, monkeypatch):
     assert set(kinds["StatefulSet"]) == {"dynalign-server", "kafka"}
     assert set(kinds["Deployment"]) == {"dynalign-learner"}
     config_map = kinds["ConfigMap"]["dynalign-config"]
-    expected_port = {"dynalign-server": ServingConfig().port,
-                     "dynalign-learner": LearnerConfig().metrics_port}
+    expected_port = {
+        "dynalign-server": ServingConfig().port,
+        "dynalign-learner": LearnerConfig().metrics_port,
+    }
     claims = set(kinds["PersistentVolumeClaim"])
     for name, workload in workloads().items():
         pod = workload["spec"]["template"]
-        assert workload["spec"]["selector"]["matchLabels"].items() <= \
-            pod["metadata"]["labels"].items()
-        claims_here = claims | {t["metadata"]["name"]
-                                for t in workload["spec"].get("volumeClaimTemplates", [])}
+        assert (
+            workload["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        )
+        claims_here = claims | {
+            t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", [])
+        }
         volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
         container = pod["spec"]["containers"][0]
         for mount in container["volumeMounts"]:
@@ -544,28 +628,34 @@ def test_kubernetes_manifests_agree_with_the_config(tmp_path, monkeypatch):
         annotations = pod["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == str(expected_port[name])
         assert annotations["prometheus.io/path"] == "/metrics"
-        config_mount = next(m for m in container["volumeMounts"]
-                            if "configMap" in volumes.get(m["name"], {}))
+        config_mount = next(
+            m for m in container["volumeMounts"] if "configMap" in volumes.get(m["name"], {})
+        )
         assert volumes[config_mount["name"]]["configMap"]["name"] == "dynalign-config"
         config_file = Path(config_mount["mountPath"]) / "dynalign.toml"
         assert literal_env(container)["DYNALIGN_CONFIG"] == str(config_file)
 
-        config = config_from(config_map["data"]["dynalign.toml"], pod_env(container),
-                             tmp_path, monkeypatch)
+        config = config_from(
+            config_map["data"]["dynalign.toml"], pod_env(container), tmp_path, monkeypatch
+        )
         assert config.serving.port == ServingConfig().port
         assert config.learner.metrics_port == LearnerConfig().metrics_port
         # The registry store is the claim every replica and the learner share.
-        store = next(m for m in container["volumeMounts"]
-                     if m["mountPath"] == str(config.registry.store))
+        store = next(
+            m for m in container["volumeMounts"] if m["mountPath"] == str(config.registry.store)
+        )
         shared = kinds["PersistentVolumeClaim"][
-            volumes[store["name"]]["persistentVolumeClaim"]["claimName"]]
+            volumes[store["name"]]["persistentVolumeClaim"]["claimName"]
+        ]
         assert shared["spec"]["accessModes"] == ["ReadWriteMany"]
         # Kafka is bootstrapped through the brokers' client Service.
         (address,) = config.kafka.bootstrap.split(",")
         host, port = address.split(":")
         service = kinds["Service"][host]
-        assert service["spec"]["selector"].items() <= \
-            kinds["StatefulSet"]["kafka"]["spec"]["template"]["metadata"]["labels"].items()
+        assert (
+            service["spec"]["selector"].items()
+            <= kinds["StatefulSet"]["kafka"]["spec"]["template"]["metadata"]["labels"].items()
+        )
         assert int(port) in {p["port"] for p in service["spec"]["ports"]}
         if name == "dynalign-server":
             # It listens beyond loopback, so it must have keys (it refuses to start otherwise).

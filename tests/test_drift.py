@@ -19,8 +19,12 @@ from tests.conftest import REPO
 def alert_threshold(alert: str) -> float:
     """The number in an alert rule of the form `metric > number`."""
     rules = yaml.safe_load((REPO / "deploy" / "prometheus" / "alerts.yml").read_text())
-    expr = next(rule["expr"] for group in rules["groups"] for rule in group["rules"]
-                if rule.get("alert") == alert)
+    expr = next(
+        rule["expr"]
+        for group in rules["groups"]
+        for rule in group["rules"]
+        if rule.get("alert") == alert
+    )
     return float(re.fullmatch(r"\s*\w+\s*>\s*([0-9.]+)\s*", expr).group(1))
 
 
@@ -37,7 +41,8 @@ def test_psi_matches_the_formula_with_epsilon_smoothing():
     c = np.array([1.0, 0, 0, 0, 0, 0]) + eps
     r, c = r / r.sum(), c / c.sum()
     assert drift.psi(reference, current, REWARD_EDGES) == pytest.approx(
-        float(np.sum((c - r) * np.log(c / r))))
+        float(np.sum((c - r) * np.log(c / r)))
+    )
     assert drift.psi(reference, reference, REWARD_EDGES) == 0
 
 
@@ -52,8 +57,9 @@ def test_jensen_shannon_is_in_bits_between_0_and_1():
     # p = (1, 0), q = (1/2, 1/2): m = (3/4, 1/4)
     expected = 0.5 * math.log2(4 / 3) + 0.5 * (0.5 * math.log2(2 / 3) + 0.5 * math.log2(2))
     assert drift.jensen_shannon([0, 0], [0, 1], REWARD_EDGES) == pytest.approx(expected)
-    assert drift.jensen_shannon([0, 0], [0, 1], REWARD_EDGES) == \
-        pytest.approx(drift.jensen_shannon([0, 1], [0, 0], REWARD_EDGES))
+    assert drift.jensen_shannon([0, 0], [0, 1], REWARD_EDGES) == pytest.approx(
+        drift.jensen_shannon([0, 1], [0, 0], REWARD_EDGES)
+    )
 
 
 def test_saturation_counts_rewards_that_round_to_5():
@@ -130,19 +136,18 @@ def test_reward_hacking_signals():
     # Longer answers get higher self-scores, most of them 5s; one candidate unscored.
     rewards = [min(5.0, n / 4) for n in lengths]
     rewards[0] = math.nan
-    signals = monitor.observe_step(rewards, lengths, zero_variance_share=0.5,
-                                   adapter_version=2003)
+    signals = monitor.observe_step(rewards, lengths, zero_variance_share=0.5, adapter_version=2003)
     assert signals.reward_saturation == pytest.approx(sum(r >= 4.5 for r in rewards[1:]) / 15)
     assert signals.length_reward_spearman > alert_threshold("DynalignRewardTracksLength")
     assert signals.zero_variance_share == 0.5
-    assert gauge("dynalign_learner_drift_reward_saturation_ratio", "2003") > \
-        alert_threshold("DynalignRewardSaturation")
+    assert gauge("dynalign_learner_drift_reward_saturation_ratio", "2003") > alert_threshold(
+        "DynalignRewardSaturation"
+    )
 
 
 def test_no_psi_before_the_reference_is_full_and_old_versions_are_dropped():
     rng = np.random.default_rng(1)
-    monitor = DriftMonitor(reference_size=64, window_size=64, min_observations=32,
-                           keep_versions=2)
+    monitor = DriftMonitor(reference_size=64, window_size=64, min_observations=32, keep_versions=2)
     signals = monitor.observe_step(*rollouts(rng, 32), 0.0, 3001)
     assert signals.reward_psi is None and signals.length_psi is None
     assert gauge("dynalign_learner_drift_reward_psi", "3001") is None
@@ -171,5 +176,6 @@ def test_record_functions_export_per_version_and_skip_what_was_not_measured():
     assert gauge("dynalign_learner_probe_kl_nats", "4001") == 0.03
     assert gauge("dynalign_learner_ifeval_canary_accuracy_ratio", "4001") == 0.71
     assert gauge("dynalign_learner_gate_win_ratio", "4002") is None
-    assert gauge("dynalign_learner_probe_kl_nats", "4002") > \
-        alert_threshold("DynalignProbeKLAboveBound")
+    assert gauge("dynalign_learner_probe_kl_nats", "4002") > alert_threshold(
+        "DynalignProbeKLAboveBound"
+    )

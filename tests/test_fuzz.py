@@ -33,48 +33,91 @@ TOPIC = KafkaConfig().interactions_topic
 # Text as clients produce it: any code point, lone surrogates included (they survive JSON as
 # "\ud800" escapes), sometimes long.
 odd_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=40) | st.sampled_from(
-    ["", " ", "\x00", "\ud800", "a\udfffb", "é" * 300, "{{prompt}}", "<|im_start|>system",
-     "x" * 20_000])
+    [
+        "",
+        " ",
+        "\x00",
+        "\ud800",
+        "a\udfffb",
+        "é" * 300,
+        "{{prompt}}",
+        "<|im_start|>system",
+        "x" * 20_000,
+    ]
+)
 json_scalar = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | odd_text
-junk = st.recursive(json_scalar, lambda inner: st.lists(inner, max_size=3)
-                    | st.dictionaries(odd_text, inner, max_size=3), max_leaves=6)
+junk = st.recursive(
+    json_scalar,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(odd_text, inner, max_size=3),
+    max_leaves=6,
+)
 
-content_part = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "bogus"]),
-                                      "text": odd_text})
+content_part = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "image_url", "bogus"]), "text": odd_text}
+)
 content = odd_text | st.lists(content_part, max_size=3) | junk
 message = st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "system", "assistant", "tool", "king"]),
-     "content": content},
-    optional={"name": odd_text, "extra": junk})
-valid_message = st.fixed_dictionaries({"role": st.just("user"), "content": odd_text | st.lists(
-    st.fixed_dictionaries({"type": st.just("text"), "text": odd_text}), min_size=1, max_size=2)})
+    {"role": st.sampled_from(["user", "system", "assistant", "tool", "king"]), "content": content},
+    optional={"name": odd_text, "extra": junk},
+)
+valid_message = st.fixed_dictionaries(
+    {
+        "role": st.just("user"),
+        "content": odd_text
+        | st.lists(
+            st.fixed_dictionaries({"type": st.just("text"), "text": odd_text}),
+            min_size=1,
+            max_size=2,
+        ),
+    }
+)
 
 body = st.fixed_dictionaries(
-    {"model": st.sampled_from(["dynalign", "dynalign@base", "dynalign@v7", "gpt-4o"]) | odd_text,
-     "messages": st.lists(valid_message, min_size=1, max_size=3)
-                 | st.lists(message, max_size=3) | junk},
-    optional={"max_tokens": st.integers(-5, 10) | junk,
-              "n": st.integers(-1, 20) | junk,
-              "temperature": st.floats(-1, 3) | junk,
-              "stream": st.booleans() | junk,
-              "stop": odd_text | st.lists(odd_text, max_size=3),
-              "user": odd_text | junk,
-              "seed": st.integers(-(2**64), 2**64),
-              "metadata": st.fixed_dictionaries({}, optional={
-                  "train": st.sampled_from([True, False, "no", "False", "maybe", 0, None]),
-                  "conversation_id": odd_text | junk}) | junk,
-              "logprobs": st.booleans(), "top_logprobs": st.integers(-1, 30),
-              "frobnicate": junk})
+    {
+        "model": st.sampled_from(["dynalign", "dynalign@base", "dynalign@v7", "gpt-4o"]) | odd_text,
+        "messages": st.lists(valid_message, min_size=1, max_size=3)
+        | st.lists(message, max_size=3)
+        | junk,
+    },
+    optional={
+        "max_tokens": st.integers(-5, 10) | junk,
+        "n": st.integers(-1, 20) | junk,
+        "temperature": st.floats(-1, 3) | junk,
+        "stream": st.booleans() | junk,
+        "stop": odd_text | st.lists(odd_text, max_size=3),
+        "user": odd_text | junk,
+        "seed": st.integers(-(2**64), 2**64),
+        "metadata": st.fixed_dictionaries(
+            {},
+            optional={
+                "train": st.sampled_from([True, False, "no", "False", "maybe", 0, None]),
+                "conversation_id": odd_text | junk,
+            },
+        )
+        | junk,
+        "logprobs": st.booleans(),
+        "top_logprobs": st.integers(-1, 30),
+        "frobnicate": junk,
+    },
+)
 
 
 # What a client that reads the docs sends, with odd text everywhere text goes.
 valid_body = st.fixed_dictionaries(
-    {"model": st.sampled_from(["dynalign", "dynalign@base"]),
-     "messages": st.lists(valid_message, min_size=1, max_size=3),
-     "max_tokens": st.integers(1, 8), "temperature": st.just(1.0)},
-    optional={"n": st.integers(1, 4), "stream": st.booleans(),
-              "stop": st.lists(odd_text, max_size=2), "user": odd_text,
-              "metadata": st.fixed_dictionaries({"train": st.booleans()})})
+    {
+        "model": st.sampled_from(["dynalign", "dynalign@base"]),
+        "messages": st.lists(valid_message, min_size=1, max_size=3),
+        "max_tokens": st.integers(1, 8),
+        "temperature": st.just(1.0),
+    },
+    optional={
+        "n": st.integers(1, 4),
+        "stream": st.booleans(),
+        "stop": st.lists(odd_text, max_size=2),
+        "user": odd_text,
+        "metadata": st.fixed_dictionaries({"train": st.booleans()}),
+    },
+)
 
 
 def payload(valid: dict, wild: dict, mode: int) -> bytes:
@@ -90,9 +133,12 @@ def fuzzed(tmp_path_factory, tiny_model):
     with EmbeddedBroker() as broker:
         ensure_topics(KafkaConfig(bootstrap=broker.bootstrap))
         # Limits lifted: this measures robustness, not the rate limiter.
-        env = {"DYNALIGN_SERVING__RATE_LIMIT_PER_CLIENT": "1e6",
-               "DYNALIGN_SERVING__RATE_LIMIT_BURST": "1000000",
-               "DYNALIGN_SERVING__MAX_TOKENS": "8", "DYNALIGN_SERVING__MAX_N": "4"}
+        env = {
+            "DYNALIGN_SERVING__RATE_LIMIT_PER_CLIENT": "1e6",
+            "DYNALIGN_SERVING__RATE_LIMIT_BURST": "1000000",
+            "DYNALIGN_SERVING__MAX_TOKENS": "8",
+            "DYNALIGN_SERVING__MAX_N": "4",
+        }
         server = start_server(work, tiny_model, broker.bootstrap, env=env)
         try:
             yield work, broker, server
@@ -103,16 +149,23 @@ def fuzzed(tmp_path_factory, tiny_model):
 def test_fuzzed_traffic_never_breaks_the_server_and_the_learner_still_steps(fuzzed, tiny_model):
     work, broker, server = fuzzed
     process = psutil.Process(server.process.pid)
-    http = httpx.Client(base_url=server.base_url, timeout=120,
-                        headers={"Authorization": f"Bearer {API_KEY}",
-                                 "Content-Type": "application/json"})
+    http = httpx.Client(
+        base_url=server.base_url,
+        timeout=120,
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
     rss_start = process.memory_info().rss
     statuses: list[int] = []
     logged: set[str] = set()
 
-    @settings(max_examples=REQUESTS, deadline=None, derandomize=True, database=None,
-              phases=[Phase.generate, Phase.shrink],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=REQUESTS,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.generate, Phase.shrink],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(valid=valid_body, wild=body, mode=st.integers(0, 9))
     def one_request(valid, wild, mode):
         r = http.post("/v1/chat/completions", content=payload(valid, wild, mode))
@@ -138,26 +191,47 @@ def test_fuzzed_traffic_never_breaks_the_server_and_the_learner_still_steps(fuzz
     # Bounded memory: the engine warms up with the first requests; what follows must not grow
     # with the number of requests.
     assert rss_growth_mib < 300, rss_growth_mib
-    found = read_records(broker.bootstrap, TOPIC, lambda r: r["id"] in logged,
-                         expected=len(logged), timeout_s=120)
+    found = read_records(
+        broker.bootstrap, TOPIC, lambda r: r["id"] in logged, expected=len(logged), timeout_s=120
+    )
     assert {r["id"] for r, _ in found} == logged
-    print(f"\nfuzz: {len(statuses)} requests in {seconds:.0f} s, "
-          f"{sum(s == 200 for s in statuses)} served, {len(logged)} logged, "
-          f"status counts {counts}, "
-          f"server RSS growth {rss_growth_mib:.0f} MiB")
+    print(
+        f"\nfuzz: {len(statuses)} requests in {seconds:.0f} s, "
+        f"{sum(s == 200 for s in statuses)} served, {len(logged)} logged, "
+        f"status counts {counts}, "
+        f"server RSS growth {rss_growth_mib:.0f} MiB"
+    )
 
     # The learner reads that same log, skips or dead-letters what it cannot use, and steps.
-    env = {**os.environ, "DYNALIGN_MODEL__PATH": str(tiny_model),
-           "DYNALIGN_MODEL__MAX_MODEL_LEN": "1024",
-           "DYNALIGN_KAFKA__BOOTSTRAP": broker.bootstrap,
-           "DYNALIGN_LEARNER__BATCH_COMPLETIONS": "16", "DYNALIGN_LEARNER__MAX_NEW_TOKENS": "8",
-           "DYNALIGN_LEARNER__CHECKPOINT_EVERY_STEPS": "2",
-           "DYNALIGN_LEARNER__METRICS_PORT": str(free_port()),
-           "DYNALIGN_LEARNER__MAX_USER_SHARE": "1.0",
-           "DYNALIGN_GATE__ENABLED": "false",
-           "DYNALIGN_REGISTRY__STORE": str(work / "adapters")}
-    out = subprocess.run([sys.executable, "-m", "dynalign", "learn", "--max-steps", "2",
-                          "--workdir", str(work / "learner")], env=env, cwd=work,
-                         capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "DYNALIGN_MODEL__PATH": str(tiny_model),
+        "DYNALIGN_MODEL__MAX_MODEL_LEN": "1024",
+        "DYNALIGN_KAFKA__BOOTSTRAP": broker.bootstrap,
+        "DYNALIGN_LEARNER__BATCH_COMPLETIONS": "16",
+        "DYNALIGN_LEARNER__MAX_NEW_TOKENS": "8",
+        "DYNALIGN_LEARNER__CHECKPOINT_EVERY_STEPS": "2",
+        "DYNALIGN_LEARNER__METRICS_PORT": str(free_port()),
+        "DYNALIGN_LEARNER__MAX_USER_SHARE": "1.0",
+        "DYNALIGN_GATE__ENABLED": "false",
+        "DYNALIGN_REGISTRY__STORE": str(work / "adapters"),
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dynalign",
+            "learn",
+            "--max-steps",
+            "2",
+            "--workdir",
+            str(work / "learner"),
+        ],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "step     2" in out.stdout, out.stdout[-3000:]

@@ -323,8 +323,12 @@ def test_micro_batches_drop_padding_and_accumulate_to_the_one_pass_step(tiny):
     tok, base = tiny
     cfg = LearnerConfig(train_dtype="float32")  # bf16 rounding depends on the batch's shape
     # Two groups of two: 3-token prompts with short answers, 1-token prompts with longer ones.
-    examples = [([5, 6, 7, 8, 9], [0, 0, 0, 1, 1]), ([5, 6, 7, 8], [0, 0, 0, 1]),
-                ([11, 12, 13, 14, 15, 16], [0, 1, 1, 1, 1, 1]), ([11, 12, 13], [0, 1, 1])]
+    examples = [
+        ([5, 6, 7, 8, 9], [0, 0, 0, 1, 1]),
+        ([5, 6, 7, 8], [0, 0, 0, 1]),
+        ([11, 12, 13, 14, 15, 16], [0, 1, 1, 1, 1, 1]),
+        ([11, 12, 13], [0, 1, 1]),
+    ]
     batch = collate(examples, tok.pad_token_id)
     batch["advantages"] = torch.tensor([1.0, -1.0, 0.5, -0.5])
     parts = micro_batches(batch, 2)
@@ -342,8 +346,9 @@ def test_micro_batches_drop_padding_and_accumulate_to_the_one_pass_step(tiny):
                 if "lora_B" in name:
                     p.normal_(0, 0.05)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        stats = grpo_step(model, lora_layers(model), torch.optim.SGD(trainable, lr=1.0),
-                          batches, cfg)
+        stats = grpo_step(
+            model, lora_layers(model), torch.optim.SGD(trainable, lr=1.0), batches, cfg
+        )
         return [p.detach() for p in trainable], stats
 
     one_pass, one_stats = step([batch])
@@ -351,5 +356,5 @@ def test_micro_batches_drop_padding_and_accumulate_to_the_one_pass_step(tiny):
     assert one_stats["kl"] > 0
     for key in ("loss", "kl", "clip_frac", "grad_norm"):
         torch.testing.assert_close(acc_stats[key], one_stats[key], atol=1e-6, rtol=1e-5)
-    for a, b in zip(accumulated, one_pass):
+    for a, b in zip(accumulated, one_pass, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

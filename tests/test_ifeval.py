@@ -164,7 +164,7 @@ def test_cli_scores_a_response_file(tmp_path: Path) -> None:
     responses.write_text(
         "".join(
             json.dumps({"prompt": e.prompt, "response": r}) + "\n"
-            for e, r in zip(examples, answers)
+            for e, r in zip(examples, answers, strict=True)
         )
     )
     out = tmp_path / "out"

@@ -132,7 +132,9 @@ def test_length_controlled_win_rate() -> None:
     rate, slope = length_controlled_win_rate(longer, lx, ly)
     assert slope > 0 and rate == pytest.approx(0.5, abs=0.01)
     summary = summarize_pairwise(
-        [(A, B) if won else (B, A) for won in longer], lengths=list(zip(lx, ly)), n_resamples=100
+        [(A, B) if won else (B, A) for won in longer],
+        lengths=list(zip(lx, ly, strict=True)),
+        n_resamples=100,
     )
     assert summary.win_rate == pytest.approx(0.68) and summary.lc_win_rate == pytest.approx(rate)
 

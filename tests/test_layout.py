@@ -42,8 +42,12 @@ def import_graph() -> dict[str, set[str]]:
                     names = [alias.name for alias in node.names]
                 elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                     # "from serving import metrics" imports serving/metrics.py
-                    names = [f"{node.module}.{alias.name}" if _module(f"{node.module}.{alias.name}")
-                             else node.module for alias in node.names]
+                    names = [
+                        f"{node.module}.{alias.name}"
+                        if _module(f"{node.module}.{alias.name}")
+                        else node.module
+                        for alias in node.names
+                    ]
                 else:
                     continue
                 targets.update(t for t in map(_module, names) if t and t != module)
@@ -51,10 +55,12 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def test_packages_import_only_downwards():
-    wrong = sorted((source, target) for source, targets in import_graph().items()
-                   for target in targets
-                   if target.split(".")[0] not in ALLOWED[source.split(".")[0]]
-                   | {source.split(".")[0]})
+    wrong = sorted(
+        (source, target)
+        for source, targets in import_graph().items()
+        for target in targets
+        if target.split(".")[0] not in ALLOWED[source.split(".")[0]] | {source.split(".")[0]}
+    )
     assert wrong == []
 
 

@@ -26,8 +26,18 @@ pytestmark = pytest.mark.slow
 def test_known_reward_is_learned(tmp_path, tiny_model):
     """With a reward we control, a bounded run must raise it well above where it started."""
     out = tmp_path / "steps.jsonl"
-    subprocess.run([sys.executable, str(REPO / "tests" / "known_reward_run.py"), str(tiny_model),
-                    str(tmp_path / "work"), "40", str(out)], check=True, timeout=900)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tests" / "known_reward_run.py"),
+            str(tiny_model),
+            str(tmp_path / "work"),
+            "40",
+            str(out),
+        ],
+        check=True,
+        timeout=900,
+    )
     rewards = [json.loads(line)["reward_mean"] for line in out.read_text().splitlines()]
     assert len(rewards) == 40
     start, end = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
@@ -53,8 +63,12 @@ def chat(server, texts: list[str]) -> None:
 
     client = OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0)
     for i, text in enumerate(texts):
-        client.chat.completions.create(model="dynalign", user=f"user-{i}", max_tokens=4,
-                                       messages=[{"role": "user", "content": text}])
+        client.chat.completions.create(
+            model="dynalign",
+            user=f"user-{i}",
+            max_tokens=4,
+            messages=[{"role": "user", "content": text}],
+        )
 
 
 def learn(work: Path, broker, tiny_model, max_steps: int, crash_at: str | None = None):
@@ -82,9 +96,21 @@ def learn(work: Path, broker, tiny_model, max_steps: int, crash_at: str | None =
         # Its own process group: a SIGKILL takes down the whole learner, engine processes
         # included, as when a container dies; we reap the orphans the same way.
         process = subprocess.Popen(
-            [sys.executable, "-m", "dynalign", "learn", "--max-steps", str(max_steps),
-             "--workdir", str(work / "learner")],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "dynalign",
+                "learn",
+                "--max-steps",
+                str(max_steps),
+                "--workdir",
+                str(work / "learner"),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         returncode = process.wait(timeout=900)
     try:
         os.killpg(process.pid, signal.SIGKILL)
@@ -99,8 +125,11 @@ def committed(broker) -> dict[str, int]:
         offsets = admin.list_group_offsets("test-learner")["test-learner"]
     finally:
         admin.close()
-    return {f"{tp.topic}:{tp.partition}": meta.offset for tp, meta in offsets.items()
-            if meta.offset >= 0}
+    return {
+        f"{tp.topic}:{tp.partition}": meta.offset
+        for tp, meta in offsets.items()
+        if meta.offset >= 0
+    }
 
 
 def newest_checkpoint(work: Path):
@@ -128,8 +157,16 @@ def test_chats_become_candidates_and_sigkills_lose_or_repeat_nothing(loop, tiny_
     assert used == 4  # 2 steps x 2 prompts: every chatted record, nothing else
     assert committed(broker) == newest_checkpoint(work).next_offsets
     compare = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "compare_adapter.py"), str(tiny_model),
-         str(store.path(1))], capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(REPO / "tests" / "compare_adapter.py"),
+            str(tiny_model),
+            str(store.path(1)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert compare.returncode == 0, compare.stderr[-3000:]
     outputs = json_result(compare.stdout)
     assert outputs["base"] != outputs["adapter"]

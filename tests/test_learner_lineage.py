@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from shared.lifecycle import Lifecycle
 from shared.registry import WEIGHTS, Registry, base_fingerprint
-from tests.synthetic import random_lora
 from tests.conftest import REPO, json_result
+from tests.synthetic import random_lora
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +31,12 @@ def store(tmp_path, tiny_model) -> Path:
     """v1: rejected, published under the lineage a fresh learner's first checkpoint used to
     match; v2: live."""
     lifecycle = Lifecycle(Registry(tmp_path / "adapters"))
-    fields = dict(parent_version=None, base_model=tiny_model.name,
-                  base_fingerprint=base_fingerprint(tiny_model), steps=1)
+    fields = dict(
+        parent_version=None,
+        base_model=tiny_model.name,
+        base_fingerprint=base_fingerprint(tiny_model),
+        steps=1,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for seed, lineage in ((1, OLD_LINEAGE), (2, "another-run/step-00000001")):
             adapter = random_lora(tiny_model, Path(tmp) / f"a{seed}", rank=8, seed=seed)
@@ -42,8 +46,9 @@ def store(tmp_path, tiny_model) -> Path:
     return tmp_path / "adapters"
 
 
-def learner_run(tiny_model, workdir: Path, store: Path, steps: int, gate: str,
-                crash_at: str | None = None) -> tuple[subprocess.CompletedProcess, Path]:
+def learner_run(
+    tiny_model, workdir: Path, store: Path, steps: int, gate: str, crash_at: str | None = None
+) -> tuple[subprocess.CompletedProcess, Path]:
     weights = workdir.parent / f"{workdir.name}-weights-{steps}-{gate}.safetensors"
     env = {**os.environ}
     if crash_at:
@@ -53,9 +58,22 @@ def learner_run(tiny_model, workdir: Path, store: Path, steps: int, gate: str,
     # to a file: an orphaned engine process would hold a pipe open.
     with log.open("w") as sink:
         process = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "lineage_run.py"), str(tiny_model),
-             str(workdir), str(store), str(steps), gate, str(weights)],
-            env=env, stdout=sink, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            [
+                sys.executable,
+                str(REPO / "tests" / "lineage_run.py"),
+                str(tiny_model),
+                str(workdir),
+                str(store),
+                str(steps),
+                gate,
+                str(weights),
+            ],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         try:
             process.wait(timeout=900)
         finally:
@@ -89,7 +107,8 @@ def test_a_restart_after_a_rejection_trains_from_live(tmp_path, tiny_model, stor
 
 
 def test_a_fresh_workdir_publishes_new_versions_and_never_promotes_an_old_one(
-        tmp_path, tiny_model, store):
+    tmp_path, tiny_model, store
+):
     out, _ = learner_run(tiny_model, tmp_path / "fresh", store, steps=1, gate="pass")
     assert out.returncode == 0, out.stderr[-3000:]
     state = json_result(out.stdout)
@@ -100,8 +119,9 @@ def test_a_fresh_workdir_publishes_new_versions_and_never_promotes_an_old_one(
 
 
 def test_a_crash_between_publish_and_verdict_is_repaired(tmp_path, tiny_model, store):
-    out, _ = learner_run(tiny_model, tmp_path / "learner", store, steps=1, gate="reject",
-                         crash_at="before-verdict")
+    out, _ = learner_run(
+        tiny_model, tmp_path / "learner", store, steps=1, gate="reject", crash_at="before-verdict"
+    )
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
     registry = Registry(store)
     assert registry.versions() == [1, 2, 3]

@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -59,32 +59,42 @@ class Stack:
     def not_trained(self) -> float:
         """Records dead-lettered or skipped, for any reason."""
         text = httpx.get(self.metrics_url, timeout=5).text
-        return sum(sample.value for family in text_string_to_metric_families(text)
-                   for sample in family.samples
-                   if sample.name in ("dynalign_learner_records_dead_lettered_total",
-                                      "dynalign_learner_records_skipped_total"))
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name
+            in (
+                "dynalign_learner_records_dead_lettered_total",
+                "dynalign_learner_records_skipped_total",
+            )
+        )
 
     def eventually(self, condition, what: str, timeout_s: float = 180):
         """Poll `condition` (the learner's metrics move on their own schedule); fail naming
         `what`, or at once if the learner died."""
         deadline = time.monotonic() + timeout_s
         while True:
-            assert self.learner.poll() is None, \
+            assert self.learner.poll() is None, (
                 f"the learner died waiting for {what}:\n{self.log.read_text()[-4000:]}"
+            )
             if result := condition():
                 return result
             if time.monotonic() > deadline:
                 pytest.fail(f"timed out waiting for {what}:\n{self.log.read_text()[-4000:]}")
             time.sleep(0.5)
 
-    def produce(self, value: bytes | None, key: bytes | None = b"conversation",
-                headers: list | None = None) -> None:
-        producer = KafkaProducer(bootstrap_servers=self.broker.bootstrap,
-                                 max_request_size=4 << 20)
+    def produce(
+        self, value: bytes | None, key: bytes | None = b"conversation", headers: list | None = None
+    ) -> None:
+        producer = KafkaProducer(bootstrap_servers=self.broker.bootstrap, max_request_size=4 << 20)
         try:
-            producer.send(TOPICS.interactions_topic, key=key, value=value,
-                          headers=[("schema-version", b"2")] if headers is None else headers
-                          ).get(timeout=30)
+            producer.send(
+                TOPICS.interactions_topic,
+                key=key,
+                value=value,
+                headers=[("schema-version", b"2")] if headers is None else headers,
+            ).get(timeout=30)
         finally:
             producer.close()
 
@@ -100,9 +110,18 @@ class Stack:
         records.close()
         topic = ProduceRequest.TopicProduceData
         request = ProduceRequest(
-            transactional_id=None, acks=-1, timeout_ms=10_000, min_version=3, max_version=9,
-            topic_data=[topic(name=TOPICS.interactions_topic, partition_data=[
-                topic.PartitionProduceData(index=0, records=records.buffer())])])
+            transactional_id=None,
+            acks=-1,
+            timeout_ms=10_000,
+            min_version=3,
+            max_version=9,
+            topic_data=[
+                topic(
+                    name=TOPICS.interactions_topic,
+                    partition_data=[topic.PartitionProduceData(index=0, records=records.buffer())],
+                )
+            ],
+        )
         client = KafkaNetClient(bootstrap_servers=self.broker.bootstrap)
         try:
             client.check_version()
@@ -135,7 +154,12 @@ def start_learner(work: Path, tiny_model: Path, bootstrap: str, metrics_port: in
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "dynalign", "learn", "--workdir", str(work / "learner")],
-            cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=work,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return process, log
 
 
@@ -148,9 +172,12 @@ def stack(tmp_path_factory, tiny_model):
         learner, log = start_learner(work, tiny_model, broker.bootstrap, port)
         server = None
         try:
-            server = start_server(work, tiny_model, broker.bootstrap,
-                                  env={"DYNALIGN_SERVING__API_KEYS":
-                                       json.dumps([API_KEY, SECOND_KEY])})
+            server = start_server(
+                work,
+                tiny_model,
+                broker.bootstrap,
+                env={"DYNALIGN_SERVING__API_KEYS": json.dumps([API_KEY, SECOND_KEY])},
+            )
             stack = Stack(broker, server, learner, log, f"http://127.0.0.1:{port}/metrics", work)
             stack.eventually(lambda: "learner: metrics on" in log.read_text(), "the learner")
             yield stack
@@ -170,14 +197,23 @@ def stack(tmp_path_factory, tiny_model):
 
 
 def record(text: str, principal: str, messages: list | None = None) -> InteractionRecord:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return InteractionRecord(
-        conversation_id=uuid.uuid4().hex, created_at=now, served_at=now, model_alias="dynalign",
-        adapter_version=None, user_hash=principal, principal_hash=principal,
+        conversation_id=uuid.uuid4().hex,
+        created_at=now,
+        served_at=now,
+        model_alias="dynalign",
+        adapter_version=None,
+        user_hash=principal,
+        principal_hash=principal,
         messages=messages or [{"role": "user", "content": text}],
         response=[Choice(index=0, content="ok", finish_reason="stop")],
-        sampling=SamplingParams(max_tokens=4), usage=Usage(), latency_ms=1.0, ttft_ms=None,
-        finish_reason="stop")
+        sampling=SamplingParams(max_tokens=4),
+        usage=Usage(),
+        latency_ms=1.0,
+        ttft_ms=None,
+        finish_reason="stop",
+    )
 
 
 def value(r: InteractionRecord) -> bytes:
@@ -217,10 +253,19 @@ def test_content_parts_from_the_openai_client_are_trained_on(stack, tiny_model):
 
     tag = uuid.uuid4().hex[:6]
     conversations = {
-        API_KEY: [{"role": "user", "content": [{"type": "text", "text": f"Plan a picnic {tag}"},
-                                               {"type": "text", "text": "for four people"}]}],
-        SECOND_KEY: [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-                     {"role": "user", "content": [{"type": "text", "text": f"Name a park {tag}"}]}],
+        API_KEY: [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": f"Plan a picnic {tag}"},
+                    {"type": "text", "text": "for four people"},
+                ],
+            }
+        ],
+        SECOND_KEY: [
+            {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+            {"role": "user", "content": [{"type": "text", "text": f"Name a park {tag}"}]},
+        ],
     }
     before, not_trained = steps(stack), stack.not_trained()
     usage = {}
@@ -261,8 +306,12 @@ def test_poison_records_never_stop_the_learner(stack, tiny_model):
 
     good = record(f"Plan a garden {tag}", "p")
     surrogate = value(good).replace(f"garden {tag}".encode(), b"garden \\ud800")
-    image = [{"role": "user", "content": [{"type": "image_url",
-                                           "image_url": {"url": "https://example.com/a.png"}}]}]
+    image = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}],
+        }
+    ]
     roleless = [{"content": f"no role {tag}"}, {"role": "user", "content": f"Hi {tag}"}]
     poison = {
         # unreadable: to the dead-letter topic, with the reason the operator reads there
@@ -277,27 +326,34 @@ def test_poison_records_never_stop_the_learner(stack, tiny_model):
         "image part": (value(record("", "p", image)), b"k"),
         "no role": (value(record("", "p", roleless)), b"k"),
     }
-    skip_reasons = ("too_long_for_model", "non_text_content", "unrenderable",
-                    "dead_letter_failed")
-    skipped = {r: stack.metric("dynalign_learner_records_skipped_total", reason=r)
-               for r in skip_reasons}
+    skip_reasons = ("too_long_for_model", "non_text_content", "unrenderable", "dead_letter_failed")
+    skipped = {
+        r: stack.metric("dynalign_learner_records_skipped_total", reason=r) for r in skip_reasons
+    }
     dead_lettered = stack.metric("dynalign_learner_records_dead_lettered_total")
     before = steps(stack)
 
     for case, (body, key) in poison.items():
         stack.produce(body, key, [("schema-version", b"2"), ("test-case", (tag + case).encode())])
-    stack.produce_raw(value(record(f"Null header {tag}", "p")), b"k",
-                      [("schema-version", None), ("test-case", (tag + "null header").encode())])
+    stack.produce_raw(
+        value(record(f"Null header {tag}", "p")),
+        b"k",
+        [("schema-version", None), ("test-case", (tag + "null header").encode())],
+    )
     for i in range(2):  # then good ones from two principals: two steps
         for principal in ("p", "q"):
-            stack.produce(value(record(f"Plan a garden path {i} for {principal} {tag}",
-                                       principal)))
+            stack.produce(value(record(f"Plan a garden path {i} for {principal} {tag}", principal)))
 
     stack.eventually(lambda: steps(stack) >= before + 2, "two steps after the poison")
     dlq = dead_letters(stack.broker.bootstrap, tag, expected=5)
     reasons = {case: headers["reason"].decode() for case, headers in dlq.items()}
-    assert reasons.keys() == {"null value", "null key", "null header", "not json",
-                              "lone surrogate"}, reasons
+    assert reasons.keys() == {
+        "null value",
+        "null key",
+        "null header",
+        "not json",
+        "lone surrogate",
+    }, reasons
     assert reasons["null value"] == "null_value"
     assert reasons["null key"] == "null_key"
     assert reasons["null header"] == "unsupported_schema_version:missing"
@@ -305,8 +361,10 @@ def test_poison_records_never_stop_the_learner(stack, tiny_model):
     assert reasons["lone surrogate"].startswith("invalid_record")
     assert stack.metric("dynalign_learner_records_dead_lettered_total") == dead_lettered + 5
     for reason in skip_reasons:
-        assert stack.metric("dynalign_learner_records_skipped_total", reason=reason) == \
-            skipped[reason] + 1, reason
+        assert (
+            stack.metric("dynalign_learner_records_skipped_total", reason=reason)
+            == skipped[reason] + 1
+        ), reason
     assert stack.learner.poll() is None
 
 
@@ -318,8 +376,9 @@ def test_a_lone_principal_waits_for_another_and_loses_nothing(stack):
     stack.produce(value(record(f"Plan a concert {tag} 1", "alone")))
     stack.produce(value(record(f"Plan a concert {tag} 2", "alone")))
     # One principal alone cannot fill a step: the learner says it waits, and why.
-    stack.eventually(lambda: stack.metric("dynalign_learner_waiting_on_share_cap") == 1,
-                     "the share-cap gauge")
+    stack.eventually(
+        lambda: stack.metric("dynalign_learner_waiting_on_share_cap") == 1, "the share-cap gauge"
+    )
     assert stack.metric("dynalign_learner_deferred_prompts") == 2
     assert steps(stack) == before
     assert stack.metric("dynalign_learner_records_skipped_total", reason="user_share") == 0

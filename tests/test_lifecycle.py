@@ -18,8 +18,14 @@ def lifecycle(tmp_path):
     (src / "adapter_model.safetensors").write_bytes(b"weights")
     (src / "adapter_config.json").write_text(json.dumps({"r": 8}))
     for step in range(3):
-        lc.publish(src, lineage=f"run-a/step-{step}", parent_version=None, base_model="m",
-                   base_fingerprint="f", steps=1)
+        lc.publish(
+            src,
+            lineage=f"run-a/step-{step}",
+            parent_version=None,
+            base_model="m",
+            base_fingerprint="f",
+            steps=1,
+        )
     return lc
 
 
@@ -39,12 +45,24 @@ def sha(registry, version):
 def test_publishing_a_lineage_twice_returns_the_same_version(lifecycle, tmp_path):
     registry = lifecycle.registry
     assert registry.versions() == [1, 2, 3]
-    again = lifecycle.publish(tmp_path / "adapter", lineage="run-a/step-1", parent_version=None,
-                              base_model="m", base_fingerprint="f", steps=1)
+    again = lifecycle.publish(
+        tmp_path / "adapter",
+        lineage="run-a/step-1",
+        parent_version=None,
+        base_model="m",
+        base_fingerprint="f",
+        steps=1,
+    )
     assert again.version == 2 and registry.versions() == [1, 2, 3]
     # Another run's step 1 (a fresh workdir restarts step numbers) is a new version.
-    other = lifecycle.publish(tmp_path / "adapter", lineage="run-b/step-1", parent_version=None,
-                              base_model="m", base_fingerprint="f", steps=1)
+    other = lifecycle.publish(
+        tmp_path / "adapter",
+        lineage="run-b/step-1",
+        parent_version=None,
+        base_model="m",
+        base_fingerprint="f",
+        steps=1,
+    )
     assert other.version == 4
     assert [e.action for e in registry.audit_log()] == ["publish"] * 4
 
@@ -58,10 +76,17 @@ def test_promote_and_rollback_move_live_and_are_audited(lifecycle, registry):
     assert state.live == 1 and state.states[2] == "retired"
     lifecycle.rollback("dave")  # before v1 there was only the base model
     assert registry.read_state().live is None
-    log = [(e.actor, e.action, e.from_version, e.to_version) for e in registry.audit_log()
-           if e.action != "publish"]
-    assert log == [("alice", "promote", None, 1), ("bob", "promote", 1, 2),
-                   ("carol", "rollback", 2, 1), ("dave", "rollback", 1, None)]
+    log = [
+        (e.actor, e.action, e.from_version, e.to_version)
+        for e in registry.audit_log()
+        if e.action != "publish"
+    ]
+    assert log == [
+        ("alice", "promote", None, 1),
+        ("bob", "promote", 1, 2),
+        ("carol", "rollback", 2, 1),
+        ("dave", "rollback", 1, None),
+    ]
 
 
 # Every action against a version in every state: allowed (the state after) or refused (why).
@@ -80,18 +105,30 @@ ACTIONS = {
     "verdict fail": lambda lc: lc.record_verdict(1, FAILED, sha(lc.registry, 1), True),
 }
 EXPECTED = {  # (action, state of v1 before) -> state of v1 after, or the refusal's words
-    ("promote", "candidate"): "live", ("promote", "live"): "already live",
-    ("promote", "retired"): "live", ("promote", "rejected"): "rejected by the gate",
-    ("promote-override", "candidate"): "live", ("promote-override", "live"): "already live",
-    ("promote-override", "retired"): "live", ("promote-override", "rejected"): "live",
-    ("rollback --to", "candidate"): "never live", ("rollback --to", "live"): "already live",
-    ("rollback --to", "retired"): "live", ("rollback --to", "rejected"): "rejected by the gate",
-    ("reject", "candidate"): "rejected", ("reject", "live"): "is live",
-    ("reject", "retired"): "rejected", ("reject", "rejected"): "it is rejected",
-    ("verdict pass", "candidate"): "live", ("verdict pass", "live"): "already live",
-    ("verdict pass", "retired"): "it is retired", ("verdict pass", "rejected"): "it is rejected",
-    ("verdict fail", "candidate"): "rejected", ("verdict fail", "live"): "already live",
-    ("verdict fail", "retired"): "it is retired", ("verdict fail", "rejected"): "it is rejected",
+    ("promote", "candidate"): "live",
+    ("promote", "live"): "already live",
+    ("promote", "retired"): "live",
+    ("promote", "rejected"): "rejected by the gate",
+    ("promote-override", "candidate"): "live",
+    ("promote-override", "live"): "already live",
+    ("promote-override", "retired"): "live",
+    ("promote-override", "rejected"): "live",
+    ("rollback --to", "candidate"): "never live",
+    ("rollback --to", "live"): "already live",
+    ("rollback --to", "retired"): "live",
+    ("rollback --to", "rejected"): "rejected by the gate",
+    ("reject", "candidate"): "rejected",
+    ("reject", "live"): "is live",
+    ("reject", "retired"): "rejected",
+    ("reject", "rejected"): "it is rejected",
+    ("verdict pass", "candidate"): "live",
+    ("verdict pass", "live"): "already live",
+    ("verdict pass", "retired"): "it is retired",
+    ("verdict pass", "rejected"): "it is rejected",
+    ("verdict fail", "candidate"): "rejected",
+    ("verdict fail", "live"): "already live",
+    ("verdict fail", "retired"): "it is retired",
+    ("verdict fail", "rejected"): "it is rejected",
 }
 
 
@@ -115,10 +152,13 @@ def test_the_table_names_every_action_the_lifecycle_takes():
     assert set(TRANSITIONS) == {"promote", "promote-override", "rollback", "reject", "verdict"}
 
 
-@pytest.mark.parametrize("action, message", [
-    (lambda lc: lc.promote(9, "x"), "v9 does not exist"),
-    (lambda lc: lc.rollback("x"), "nothing to roll back to"),
-])
+@pytest.mark.parametrize(
+    "action, message",
+    [
+        (lambda lc: lc.promote(9, "x"), "v9 does not exist"),
+        (lambda lc: lc.rollback("x"), "nothing to roll back to"),
+    ],
+)
 def test_impossible_actions_say_why(lifecycle, action, message):
     with pytest.raises(RegistryError, match=message):
         action(lifecycle)

@@ -47,13 +47,16 @@ def dashboard_expressions() -> dict[str, str]:
 
 
 def alert_rules() -> list[dict]:
-    return [rule for group in yaml.safe_load(ALERTS.read_text())["groups"]
-            for rule in group["rules"]]
+    return [
+        rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]
+    ]
 
 
 def all_expressions() -> dict[str, str]:
-    return {**dashboard_expressions(),
-            **{f"alerts.yml: {rule['alert']}": rule["expr"] for rule in alert_rules()}}
+    return {
+        **dashboard_expressions(),
+        **{f"alerts.yml: {rule['alert']}": rule["expr"] for rule in alert_rules()},
+    }
 
 
 def evaluable(expr: str) -> str:
@@ -93,22 +96,27 @@ def code_metrics() -> list:
     import learner.metrics
     import serving.metrics
 
-    return [value for module in (serving.metrics, learner.metrics)
-            for value in vars(module).values() if isinstance(value, MetricWrapperBase)]
+    return [
+        value
+        for module in (serving.metrics, learner.metrics)
+        for value in vars(module).values()
+        if isinstance(value, MetricWrapperBase)
+    ]
 
 
 def exported_metric_names() -> set[str]:
     """Every sample name those metrics can expose."""
     suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"]}
-    return {metric._name + suffix for metric in code_metrics()
-            for suffix in suffixes[metric._type]}
+    return {metric._name + suffix for metric in code_metrics() for suffix in suffixes[metric._type]}
 
 
 def test_evaluable_adds_bool_to_comparisons_outside_selectors():
     assert evaluable('up{job!="x"} == 0') == 'up{job!="x"} == bool 0'
     assert evaluable("a > 0 and b >= bool 1") == "a > bool 0 and b >= bool 1"
-    assert evaluable("x < on() group_left() (max(x) - 0.05)") == \
-        "x < bool on() group_left() (max(x) - 0.05)"
+    assert (
+        evaluable("x < on() group_left() (max(x) - 0.05)")
+        == "x < bool on() group_left() (max(x) - 0.05)"
+    )
     assert evaluable("rate(x[$__rate_interval])") == "rate(x[1m])"
 
 
@@ -132,8 +140,11 @@ def test_metric_names_follow_prometheus_conventions():
 # -- dashboards -----------------------------------------------------------------------------------
 def provisioned_datasources() -> dict[str, str]:
     provisioning = DEPLOY / "grafana" / "provisioning" / "datasources"
-    return {source["uid"]: source["type"] for path in provisioning.glob("*.yml")
-            for source in yaml.safe_load(path.read_text())["datasources"]}
+    return {
+        source["uid"]: source["type"]
+        for path in provisioning.glob("*.yml")
+        for source in yaml.safe_load(path.read_text())["datasources"]
+    }
 
 
 def test_dashboards_are_well_formed():
@@ -143,8 +154,9 @@ def test_dashboards_are_well_formed():
     assert len(set(uids)) == len(uids)
 
     def resolves(reference: dict, where: str) -> None:
-        assert datasources.get(reference["uid"]) == reference["type"], \
+        assert datasources.get(reference["uid"]) == reference["type"], (
             f"{where}: datasource {reference} is not provisioned ({datasources})"
+        )
 
     for path in DASHBOARDS:
         board = json.loads(path.read_text())
@@ -165,8 +177,9 @@ def test_dashboards_are_well_formed():
         queries = [t["expr"] for panel in board["panels"] for t in panel["targets"]]
         for expr in queries + [a["expr"] for a in board["annotations"]["list"]]:
             for variable in re.findall(r"\$\{?(\w+)", expr):
-                assert f"${variable}" in GRAFANA_VARIABLES or variable in variables, \
+                assert f"${variable}" in GRAFANA_VARIABLES or variable in variables, (
                     f"{path.name}: ${variable} in {expr!r} is not defined"
+                )
     drift = json.loads((DEPLOY / "grafana" / "dashboards" / "drift.json").read_text())
     assert drift["annotations"]["list"], "the drift dashboard marks version changes"
 
@@ -177,19 +190,28 @@ def test_alert_rules_and_scrape_config_pass_promtool():
         result = subprocess.run(["promtool", *args], capture_output=True, text=True, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
     names = [rule["alert"] for rule in alert_rules()]
-    for needed in ("DynalignRewardSaturation", "DynalignRewardDrift",
-                   "DynalignCompletionLengthDrift", "DynalignProbeKLAboveBound",
-                   "DynalignTrainingKLAboveBound", "DynalignIFEvalCanaryDrop",
-                   "DynalignConsumerLagGrowing", "DynalignOutboxGrowing",
-                   "DynalignAdapterSwapFailures", "DynalignLearnerStalled"):
+    for needed in (
+        "DynalignRewardSaturation",
+        "DynalignRewardDrift",
+        "DynalignCompletionLengthDrift",
+        "DynalignProbeKLAboveBound",
+        "DynalignTrainingKLAboveBound",
+        "DynalignIFEvalCanaryDrop",
+        "DynalignConsumerLagGrowing",
+        "DynalignOutboxGrowing",
+        "DynalignAdapterSwapFailures",
+        "DynalignLearnerStalled",
+    ):
         assert needed in names
 
 
 # -- deploy manifests -----------------------------------------------------------------------------
 def scrape_targets() -> dict[str, list[str]]:
     config = yaml.safe_load(SCRAPE_CONFIG.read_text())
-    return {job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
-            for job in config["scrape_configs"]}
+    return {
+        job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
+        for job in config["scrape_configs"]
+    }
 
 
 def test_scrape_targets_are_the_default_ports():
@@ -206,24 +228,32 @@ class Prometheus:
     evaluation intervals, and the given rule file."""
 
     def __init__(self, workdir: Path, targets: dict[str, str], rules: Path) -> None:
-        assert shutil.which("prometheus"), \
+        assert shutil.which("prometheus"), (
             "prometheus not found: install the Debian package prometheus"
+        )
         config = yaml.safe_load(SCRAPE_CONFIG.read_text())
         config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
         config["rule_files"] = [str(rules)]
         config["scrape_configs"] = [
             {**job, "static_configs": [{"targets": [targets[job["job_name"]]]}]}
-            for job in config["scrape_configs"] if job["job_name"] in targets]
+            for job in config["scrape_configs"]
+            if job["job_name"] in targets
+        ]
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log_path = workdir / "prometheus.log"
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                ["prometheus", f"--config.file={workdir / 'prometheus.yml'}",
-                 f"--storage.tsdb.path={workdir / 'data'}",
-                 f"--web.listen-address={self.url.removeprefix('http://')}"],
-                stdout=log, stderr=subprocess.STDOUT)
+                [
+                    "prometheus",
+                    f"--config.file={workdir / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={workdir / 'data'}",
+                    f"--web.listen-address={self.url.removeprefix('http://')}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         wait_for(lambda: self._ready(), 60, "Prometheus ready", self.log_path)
 
     def _ready(self) -> bool:
@@ -302,9 +332,23 @@ def start_learner(workdir: Path, tiny_model: Path, bootstrap: str, port: int):
     with log_path.open("wb") as log:
         # Its own process group, so the vLLM engine it starts goes down with it.
         process = subprocess.Popen(
-            [sys.executable, "-c", LEARNER, "--kafka", bootstrap, "--model", str(tiny_model),
-             "--workdir", str(workdir / "learner")],
-            cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-c",
+                LEARNER,
+                "--kafka",
+                bootstrap,
+                "--model",
+                str(tiny_model),
+                "--workdir",
+                str(workdir / "learner"),
+            ],
+            cwd=workdir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return process, log_path
 
 
@@ -332,19 +376,30 @@ def traffic(server) -> None:
     ask = {"model": "dynalign", "max_tokens": 8, "temperature": 1.0}
     prompts = [f"Plan community event {i} ({tag})" for i in range(12)]
     for i, text in enumerate(prompts):
-        client.chat.completions.create(messages=[{"role": "user", "content": text}],
-                                       user=f"{tag}-user-{i}", **ask)
+        client.chat.completions.create(
+            messages=[{"role": "user", "content": text}], user=f"{tag}-user-{i}", **ask
+        )
     # The same prompt again: the learner skips it as a duplicate.
-    client.chat.completions.create(messages=[{"role": "user", "content": prompts[0]}],
-                                   user=f"{tag}-user-dup", **ask)
-    list(client.chat.completions.create(  # a stream: time to first token
-        messages=[{"role": "user", "content": f"Stream a plan ({tag})"}], stream=True,
-        user=f"{tag}-user-stream", **ask))
-    client.chat.completions.create(messages=[{"role": "user", "content": "private"}],
-                                   extra_headers={"X-Dynalign-No-Train": "1"}, **ask)
+    client.chat.completions.create(
+        messages=[{"role": "user", "content": prompts[0]}], user=f"{tag}-user-dup", **ask
+    )
+    list(
+        client.chat.completions.create(  # a stream: time to first token
+            messages=[{"role": "user", "content": f"Stream a plan ({tag})"}],
+            stream=True,
+            user=f"{tag}-user-stream",
+            **ask,
+        )
+    )
+    client.chat.completions.create(
+        messages=[{"role": "user", "content": "private"}],
+        extra_headers={"X-Dynalign-No-Train": "1"},
+        **ask,
+    )
     with pytest.raises(NotFoundError):
-        client.chat.completions.create(messages=[{"role": "user", "content": "x"}],
-                                       **{**ask, "model": "no-such-model"})
+        client.chat.completions.create(
+            messages=[{"role": "user", "content": "x"}], **{**ask, "model": "no-such-model"}
+        )
 
 
 def refused_swap(server, tiny_model: Path) -> None:
@@ -358,12 +413,19 @@ def refused_swap(server, tiny_model: Path) -> None:
     registry = Registry(store)
     before = registry.read_state().live
     version = publish_random(registry, tiny_model, seed=5, fingerprint="0" * 64).version
-    Lifecycle(registry).promote(version, actor="test_observability",
-                                reason="a swap the server refuses")
+    Lifecycle(registry).promote(
+        version, actor="test_observability", reason="a swap the server refuses"
+    )
     try:
-        wait_for(lambda: "dynalign_adapter_swap_failures_total{" in
-                 httpx.get(f"{server.base_url}/metrics").text, 60, "the refused swap",
-                 server.log_path)
+        wait_for(
+            lambda: (
+                "dynalign_adapter_swap_failures_total{"
+                in httpx.get(f"{server.base_url}/metrics").text
+            ),
+            60,
+            "the refused swap",
+            server.log_path,
+        )
     finally:
         Lifecycle(registry).rollback(actor="test_observability", to=before, reason="restore")
 
@@ -378,9 +440,14 @@ def test_every_dashboard_and_alert_expression_returns_data(server, broker, tiny_
     try:
         traffic(server)
         refused_swap(server, tiny_model)
-        prometheus = Prometheus(tmp_path / "prometheus", {
-            SERVER_JOB: server.base_url.removeprefix("http://"),
-            LEARNER_JOB: f"127.0.0.1:{learner_port}"}, ALERTS)
+        prometheus = Prometheus(
+            tmp_path / "prometheus",
+            {
+                SERVER_JOB: server.base_url.removeprefix("http://"),
+                LEARNER_JOB: f"127.0.0.1:{learner_port}",
+            },
+            ALERTS,
+        )
         pending = all_expressions()
 
         def all_answered() -> bool:
@@ -394,8 +461,11 @@ def test_every_dashboard_and_alert_expression_returns_data(server, broker, tiny_
         while not all_answered() and time.monotonic() < deadline:
             time.sleep(1)  # Prometheus scrapes every second; the learner steps every few
         assert not pending, (
-            "no data for:\n" + "\n".join(f"  {s}: {e}" for s, e in pending.items())
-            + "\nlearner log:\n" + learner_log.read_text()[-3000:])
+            "no data for:\n"
+            + "\n".join(f"  {s}: {e}" for s, e in pending.items())
+            + "\nlearner log:\n"
+            + learner_log.read_text()[-3000:]
+        )
         up = {r["metric"]["job"]: r["value"][1] for r in prometheus.query("up")}
         assert up == {SERVER_JOB: "1", LEARNER_JOB: "1"}
     finally:
@@ -434,12 +504,19 @@ def test_drift_alerts_fire_in_prometheus_for_shifted_distributions_only(tmp_path
         for rule in group["rules"]:
             rule.pop("for", None)  # fire on the first evaluation, not after 15 minutes
     (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
-    threshold = {rule["alert"]: float(rule["expr"].split(">")[1]) for rule in alert_rules()
-                 if rule["alert"] in ("DynalignRewardDrift", "DynalignCompletionLengthDrift")}
+    threshold = {
+        rule["alert"]: float(rule["expr"].split(">")[1])
+        for rule in alert_rules()
+        if rule["alert"] in ("DynalignRewardDrift", "DynalignCompletionLengthDrift")
+    }
 
     port = free_port()
-    exporter = subprocess.Popen([sys.executable, "-c", DRIFT_SCENARIO, str(port)],
-                                stdout=subprocess.PIPE, text=True, cwd=REPO)
+    exporter = subprocess.Popen(
+        [sys.executable, "-c", DRIFT_SCENARIO, str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     prometheus = None
     try:
         signals = json.loads(exporter.stdout.readline())
@@ -449,8 +526,9 @@ def test_drift_alerts_fire_in_prometheus_for_shifted_distributions_only(tmp_path
         assert signals["2"]["reward_psi"] > threshold["DynalignRewardDrift"]
         assert signals["3"]["length_psi"] > threshold["DynalignCompletionLengthDrift"]
 
-        prometheus = Prometheus(tmp_path / "prometheus",
-                                {LEARNER_JOB: f"127.0.0.1:{port}"}, tmp_path / "alerts.yml")
+        prometheus = Prometheus(
+            tmp_path / "prometheus", {LEARNER_JOB: f"127.0.0.1:{port}"}, tmp_path / "alerts.yml"
+        )
 
         def drift_alerts() -> dict[str, set[str]]:
             firing: dict[str, set[str]] = {}
@@ -458,7 +536,8 @@ def test_drift_alerts_fire_in_prometheus_for_shifted_distributions_only(tmp_path
                 if alert["labels"]["alertname"] in threshold:
                     assert alert["state"] == "firing", alert
                     firing.setdefault(alert["labels"]["alertname"], set()).add(
-                        alert["labels"]["adapter_version"])
+                        alert["labels"]["adapter_version"]
+                    )
             return firing
 
         def both_firing() -> dict[str, set[str]] | None:

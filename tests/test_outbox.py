@@ -13,8 +13,8 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
@@ -24,7 +24,12 @@ from kafka.errors import KafkaConfigurationError
 from serving.outbox import DEAD_LETTER_FILE, Outbox
 from shared.config import DynalignConfig, KafkaConfig
 from shared.kafka import (
-    EmbeddedBroker, consumer, ensure_topics, free_port, producer, topic_specs,
+    EmbeddedBroker,
+    consumer,
+    ensure_topics,
+    free_port,
+    producer,
+    topic_specs,
 )
 from shared.schemas import SCHEMA_VERSION_HEADER
 from tests.conftest import REPO, json_result, read_records
@@ -73,8 +78,13 @@ def run_scenario(name: str, **args) -> dict:
     """A scenario of tests/outbox_scenarios.py in its own process (this worktree's code)."""
     result = subprocess.run(
         [sys.executable, "-m", "tests.outbox_scenarios", name, json.dumps(args)],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-        timeout=300, check=False)
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, f"{name} failed:\n{result.stderr[-6000:]}"
     return json_result(result.stdout)
 
@@ -98,8 +108,9 @@ def test_records_survive_broker_absence_and_a_crash(tmp_path):
         second.start()
         assert second.wait_drained(timeout_s=30)
         second.close()
-        found = read_records(bootstrap, TOPIC, lambda r: r["conversation_id"] == "c-crash",
-                             expected=5, settle_s=0.5)
+        found = read_records(
+            bootstrap, TOPIC, lambda r: r["conversation_id"] == "c-crash", expected=5, settle_s=0.5
+        )
         texts = [r["messages"][0]["content"] for r, _ in found]
         assert sorted(texts) == [f"m{i}" for i in range(5)]
 
@@ -110,15 +121,21 @@ def test_records_survive_broker_absence_and_a_crash(tmp_path):
         third.append(record("c-crash", "m5"))
         assert third.wait_drained(timeout_s=30)
         third.close()
-        found = read_records(bootstrap, TOPIC, lambda r: r["conversation_id"] == "c-crash",
-                             expected=6, settle_s=1.0)
+        found = read_records(
+            bootstrap, TOPIC, lambda r: r["conversation_id"] == "c-crash", expected=6, settle_s=1.0
+        )
         assert len(found) == 6
 
 
 def test_acknowledged_segments_are_trimmed(tmp_path):
     with EmbeddedBroker() as broker:
-        box = Outbox(tmp_path, TOPIC, lambda: producer(broker.bootstrap), fsync_interval_ms=5,
-                     segment_bytes=2000)  # a few records per segment
+        box = Outbox(
+            tmp_path,
+            TOPIC,
+            lambda: producer(broker.bootstrap),
+            fsync_interval_ms=5,
+            segment_bytes=2000,
+        )  # a few records per segment
         ensure_topics(KafkaConfig(bootstrap=broker.bootstrap))
         box.start()
         for i in range(30):
@@ -192,8 +209,9 @@ def test_a_record_the_producer_refuses_is_dead_lettered_and_the_rest_flows(tmp_p
 def test_a_full_disk_is_survived_reported_and_recovered(tmp_path):
     queue_size = 50
     with EmbeddedBroker() as broker:
-        result = run_scenario("disk_full", directory=str(tmp_path), bootstrap=broker.bootstrap,
-                              queue_size=queue_size)
+        result = run_scenario(
+            "disk_full", directory=str(tmp_path), bootstrap=broker.bootstrap, queue_size=queue_size
+        )
         ids, during = result["ids"], result["during"]
         assert "File too large" in during["problem"] and during["problem_gauge"] == 1
         assert during["write_errors"] >= 1
@@ -211,8 +229,9 @@ def test_a_full_disk_is_survived_reported_and_recovered(tmp_path):
 
 def test_close_returns_while_the_disk_refuses_writes(tmp_path):
     with EmbeddedBroker() as broker:
-        result = run_scenario("close_on_full_disk", directory=str(tmp_path),
-                              bootstrap=broker.bootstrap)
+        result = run_scenario(
+            "close_on_full_disk", directory=str(tmp_path), bootstrap=broker.bootstrap
+        )
     assert result["close_s"] < 1 + 5
     assert result["dropped"] == len(result["unwritten"])  # counted as lost at shutdown
     assert result["segment_ids"] == ["close-full-persisted"]  # whole lines only
@@ -225,8 +244,9 @@ def test_a_long_outage_is_forwarded_from_disk_in_bounded_memory(tmp_path):
     count, bound_mb = 100_000, 25
     port = free_port()
     bootstrap = f"127.0.0.1:{port}"
-    outage = run_scenario("outage", directory=str(tmp_path), bootstrap=bootstrap, count=count,
-                          text_bytes=200)
+    outage = run_scenario(
+        "outage", directory=str(tmp_path), bootstrap=bootstrap, count=count, text_bytes=200
+    )
     print("outage:", outage)
     assert outage["dropped"] == 0 and outage["depth"] == count
     assert (outage["peak_kb"] - outage["baseline_kb"]) / 1024 < bound_mb
@@ -248,35 +268,55 @@ def test_the_outbox_alerts_fire_in_prometheus(tmp_path):
     (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
     port = free_port()
     child = subprocess.Popen(
-        [sys.executable, "-m", "tests.outbox_scenarios", "alerting",
-         json.dumps({"directory": str(tmp_path / "outbox"), "metrics_port": port})],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        [
+            sys.executable,
+            "-m",
+            "tests.outbox_scenarios",
+            "alerting",
+            json.dumps({"directory": str(tmp_path / "outbox"), "metrics_port": port}),
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     prometheus = None
     try:
         assert child.stdout.readline().strip() == "serving"
-        prometheus = Prometheus(tmp_path / "prometheus", {SERVER_JOB: f"127.0.0.1:{port}"},
-                                tmp_path / "alerts.yml")
+        prometheus = Prometheus(
+            tmp_path / "prometheus", {SERVER_JOB: f"127.0.0.1:{port}"}, tmp_path / "alerts.yml"
+        )
         # The counters' zeros first, so that increase() sees them move.
-        wait_for(lambda: prometheus.query("dynalign_outbox_dead_lettered_total"), 60,
-                 "the first scrape", prometheus.log_path)
+        wait_for(
+            lambda: prometheus.query("dynalign_outbox_dead_lettered_total"),
+            60,
+            "the first scrape",
+            prometheus.log_path,
+        )
         child.stdin.write("go\n")
         child.stdin.flush()
         assert child.stdout.readline().strip() == "triggered"
 
-        expected = {("DynalignOutboxDeadLettered", "unserialisable"),
-                    ("DynalignOutboxCannotPersist", ""),
-                    ("DynalignOutboxDroppedRecords", "queue_full")}
+        expected = {
+            ("DynalignOutboxDeadLettered", "unserialisable"),
+            ("DynalignOutboxCannotPersist", ""),
+            ("DynalignOutboxDroppedRecords", "queue_full"),
+        }
 
         def all_expected_firing() -> set[tuple[str, str]] | None:
-            firing = {(a["labels"]["alertname"], a["labels"].get("reason", ""))
-                      for a in prometheus.alerts()
-                      if a["state"] == "firing" and "Outbox" in a["labels"]["alertname"]}
+            firing = {
+                (a["labels"]["alertname"], a["labels"].get("reason", ""))
+                for a in prometheus.alerts()
+                if a["state"] == "firing" and "Outbox" in a["labels"]["alertname"]
+            }
             return firing if firing >= expected else None
 
         # ... and no other outbox alert.
-        assert wait_for(all_expected_firing, 60, "the outbox alerts",
-                        prometheus.log_path) == expected
+        assert (
+            wait_for(all_expected_firing, 60, "the outbox alerts", prometheus.log_path) == expected
+        )
     finally:
         if prometheus:
             prometheus.stop()
@@ -313,8 +353,11 @@ def test_the_cursor_is_replaced_durably(tmp_path, monkeypatch):
     assert ("fsync", str(tmp_path)) in events[renamed:]
 
 
-@pytest.mark.parametrize("damage", ["", '{"segm', '{"segment": 1, "offset": 99999999}'],
-                         ids=["empty", "garbled", "past-the-data"])
+@pytest.mark.parametrize(
+    "damage",
+    ["", '{"segm', '{"segment": 1, "offset": 99999999}'],
+    ids=["empty", "garbled", "past-the-data"],
+)
 def test_a_damaged_cursor_resends_from_the_oldest_segment(tmp_path, caplog, damage):
     port = free_port()
     bootstrap = f"127.0.0.1:{port}"
@@ -332,8 +375,10 @@ def test_a_damaged_cursor_resends_from_the_oldest_segment(tmp_path, caplog, dama
         assert second.wait_drained(timeout_s=30)
         second.close()
         assert ids_in_topic(bootstrap) == Counter({i: 1 for i in ids})
-    assert any("acked.json" in r.getMessage() and "oldest segment" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "acked.json" in r.getMessage() and "oldest segment" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_a_garbled_segment_line_is_dead_lettered_and_the_rest_forwarded(tmp_path, caplog):
@@ -360,8 +405,9 @@ def test_a_garbled_segment_line_is_dead_lettered_and_the_rest_forwarded(tmp_path
     assert letter["reason"] == "garbled" and "not json at all" in letter["record"]
     assert segment.name in letter["detail"]
     assert sample("dynalign_outbox_dead_lettered_total", reason="garbled") == before + 1
-    assert any("garbled" in r.getMessage() and segment.name in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "garbled" in r.getMessage() and segment.name in r.getMessage() for r in caplog.records
+    )
 
 
 # -- what goes to Kafka ---------------------------------------------------------------------------
@@ -377,9 +423,10 @@ def test_the_schema_version_header_is_the_records_own(tmp_path):
         box.append(new := record("c-schema", "new"))
         assert box.wait_drained(timeout_s=30)
         box.close()
-        versions = {dict(m.headers)["record-id"].decode():
-                    dict(m.headers)[SCHEMA_VERSION_HEADER].decode()
-                    for m in topic_messages(broker.bootstrap)}
+        versions = {
+            dict(m.headers)["record-id"].decode(): dict(m.headers)[SCHEMA_VERSION_HEADER].decode()
+            for m in topic_messages(broker.bootstrap)
+        }
     assert versions == {old["id"]: "1", new.id: "2"}
 
 
@@ -405,8 +452,11 @@ def test_topics_take_replication_and_size_limits_from_the_config(monkeypatch):
     monkeypatch.setenv("DYNALIGN_KAFKA__TOPIC_PREFIX", f"t{uuid.uuid4().hex[:6]}")
     cfg = DynalignConfig().kafka
     specs = topic_specs(cfg)
-    assert {name: spec["replication_factor"] for name, spec in specs.items()} == \
-        {cfg.interactions_topic: 3, cfg.dlq_topic: 3, cfg.adapters_topic: 3}
+    assert {name: spec["replication_factor"] for name, spec in specs.items()} == {
+        cfg.interactions_topic: 3,
+        cfg.dlq_topic: 3,
+        cfg.adapters_topic: 3,
+    }
     assert all(spec["configs"]["min.insync.replicas"] == "2" for spec in specs.values())
     assert specs[cfg.interactions_topic]["configs"]["max.message.bytes"] == "1048576"
     with EmbeddedBroker() as broker:  # one node: Tansu records the factor without replicating

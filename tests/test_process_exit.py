@@ -49,8 +49,14 @@ def answers(url: str) -> str | None:
 
 
 def steps(metrics_text: str) -> float:
-    return next((float(line.split()[1]) for line in metrics_text.splitlines()
-                 if line.startswith("dynalign_learner_steps_total ")), 0.0)
+    return next(
+        (
+            float(line.split()[1])
+            for line in metrics_text.splitlines()
+            if line.startswith("dynalign_learner_steps_total ")
+        ),
+        0.0,
+    )
 
 
 def stop_and_check(process: subprocess.Popen, sig: int, log: Path, timeout_s: float) -> None:
@@ -61,22 +67,33 @@ def stop_and_check(process: subprocess.Popen, sig: int, log: Path, timeout_s: fl
     try:
         process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"still running {timeout_s}s after {signal.Signals(sig).name}:\n"
-                    + log.read_text()[-4000:])
+        pytest.fail(
+            f"still running {timeout_s}s after {signal.Signals(sig).name}:\n"
+            + log.read_text()[-4000:]
+        )
     finally:
         _, alive = psutil.wait_procs(descendants, timeout=5)
         for leftover in alive:  # keep the machine clean whatever the verdict
             leftover.kill()
     assert not alive, (
         f"left running after {signal.Signals(sig).name}: "
-        + "; ".join(f"{p.pid} {names[p.pid]}" for p in alive) + "\n" + log.read_text()[-3000:])
+        + "; ".join(f"{p.pid} {names[p.pid]}" for p in alive)
+        + "\n"
+        + log.read_text()[-3000:]
+    )
 
 
 def start(args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
     with log.open("wb") as out:
         # Its own process group, only so that a failing test can still clean up after it.
-        return subprocess.Popen([sys.executable, "-m", "dynalign", *args], cwd=cwd, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "dynalign", *args],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def kill_group(process: subprocess.Popen) -> None:
@@ -105,8 +122,12 @@ def test_sigterm_ends_learn_and_its_engine(tmp_path, tiny_model):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Plan day {i}"}) + "\n" for i in range(4)))
     log = tmp_path / "learn.log"
-    process = start(["learn", "--prompts", str(prompts), "--workdir", str(tmp_path / "learner")],
-                    tmp_path, base_env(tmp_path, tiny_model), log)
+    process = start(
+        ["learn", "--prompts", str(prompts), "--workdir", str(tmp_path / "learner")],
+        tmp_path,
+        base_env(tmp_path, tiny_model),
+        log,
+    )
     try:
         wait_until(lambda: engine_cores(process.pid) == 1, "engine core", process, log, 180)
         stop_and_check(process, signal.SIGTERM, log, timeout_s=60)
@@ -130,15 +151,22 @@ def test_up_learns_from_one_user_and_ctrl_c_ends_everything(tmp_path, tiny_model
     log = tmp_path / "up.log"
     process = start(["up", "--model", str(tiny_model), "--port", str(port)], tmp_path, env, log)
     try:
-        wait_until(lambda: answers(f"http://127.0.0.1:{port}/health") is not None, "server",
-                   process, log, 240)
+        wait_until(
+            lambda: answers(f"http://127.0.0.1:{port}/health") is not None,
+            "server",
+            process,
+            log,
+            240,
+        )
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0)
         for text in ("Plan a picnic", "Name a park"):  # one step's 2 prompts, one principal
-            client.chat.completions.create(model="dynalign", max_tokens=4,
-                                           messages=[{"role": "user", "content": text}])
+            client.chat.completions.create(
+                model="dynalign", max_tokens=4, messages=[{"role": "user", "content": text}]
+            )
         learner_metrics = f"http://127.0.0.1:{learner_port}/metrics"
-        wait_until(lambda: steps(answers(learner_metrics) or "") >= 1, "a learner step",
-                   process, log, 180)
+        wait_until(
+            lambda: steps(answers(learner_metrics) or "") >= 1, "a learner step", process, log, 180
+        )
         assert engine_cores(process.pid) == 2  # the server's and the learner's
         stop_and_check(process, signal.SIGINT, log, timeout_s=90)
     finally:

@@ -26,16 +26,26 @@ def test_training_prompt_is_the_conversation_up_to_the_last_user_turn():
     assert training_messages(messages) == messages[:4]  # the user's own system prompt kept
 
 
-@pytest.mark.parametrize("messages, reason", [
-    ([{"role": "assistant", "content": "hi"}], "no_user_turn"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
-     "non_text_content"),
-    ([{"role": "system", "content": [{"type": "input_audio", "input_audio": {}}]},
-      {"role": "user", "content": "hi"}], "non_text_content"),
-    ([{"role": "user", "content": {"text": "a dict is no content"}}], "non_text_content"),
-    ([{"role": "user", "content": None}], "empty_prompt"),
-    ([{"role": "user", "content": [{"type": "text", "text": " "}]}], "empty_prompt"),
-])
+@pytest.mark.parametrize(
+    "messages, reason",
+    [
+        ([{"role": "assistant", "content": "hi"}], "no_user_turn"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            "non_text_content",
+        ),
+        (
+            [
+                {"role": "system", "content": [{"type": "input_audio", "input_audio": {}}]},
+                {"role": "user", "content": "hi"},
+            ],
+            "non_text_content",
+        ),
+        ([{"role": "user", "content": {"text": "a dict is no content"}}], "non_text_content"),
+        ([{"role": "user", "content": None}], "empty_prompt"),
+        ([{"role": "user", "content": [{"type": "text", "text": " "}]}], "empty_prompt"),
+    ],
+)
 def test_unusable_conversations_are_named(messages, reason):
     with pytest.raises(Unusable) as info:
         training_messages(messages)
@@ -45,8 +55,14 @@ def test_unusable_conversations_are_named(messages, reason):
 def test_text_parts_become_text_joined_by_newlines_as_vllm_joins_them():
     messages = [
         {"role": "system", "content": [{"type": "text", "text": "Be terse."}]},
-        {"role": "user", "content": [{"type": "text", "text": "Plan a trip"}, "to Lisbon",
-                                     {"type": "text", "text": None}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Plan a trip"},
+                "to Lisbon",
+                {"type": "text", "text": None},
+            ],
+        },
     ]
     assert training_messages(messages) == [
         {"role": "system", "content": "Be terse."},
@@ -66,8 +82,9 @@ def test_duplicates_by_id_and_by_prompt_within_the_window():
     f.check(prompt("c", "one"))
 
 
-@pytest.mark.parametrize("share, batch, cap", [(0.25, 4, 1), (0.25, 16, 4), (0.5, 3, 1),
-                                               (None, 4, 4), (1.0, 4, 4)])
+@pytest.mark.parametrize(
+    "share, batch, cap", [(0.25, 4, 1), (0.25, 16, 4), (0.5, 3, 1), (None, 4, 4), (1.0, 4, 4)]
+)
 def test_per_principal_cap(share, batch, cap):
     f = PromptFilter(fits_anything, 10, max_user_share=share)
     assert f.principal_cap(batch) == cap
@@ -106,8 +123,7 @@ def test_max_prompt_tokens_bounds_the_prompt_as_trained_on(tokenizer):
     cfg = LearnerConfig(max_prompt_tokens=64)
     check_fits(tokenizer, [{"role": "user", "content": words(5)}], cfg, max_model_len=10**6)
     with pytest.raises(Unusable, match="too_long"):
-        check_fits(tokenizer, [{"role": "user", "content": words(100)}], cfg,
-                   max_model_len=10**6)
+        check_fits(tokenizer, [{"role": "user", "content": words(100)}], cfg, max_model_len=10**6)
 
 
 def test_what_the_chat_template_cannot_render_is_unrenderable(tokenizer):
@@ -123,12 +139,15 @@ def test_content_parts_render_as_the_text_they_hold(tokenizer):
     from learner.grpo import prompt_ids, rollout_messages
     from learner.rollout import judge_request
 
-    parts = [{"role": "system", "content": [{"type": "text", "text": "Be terse."}]},
-             {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    parts = [
+        {"role": "system", "content": [{"type": "text", "text": "Be terse."}]},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+    ]
     text = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]
     assert prompt_ids(tokenizer, parts) == prompt_ids(tokenizer, text)
-    assert prompt_ids(tokenizer, rollout_messages(parts)) == \
-        prompt_ids(tokenizer, rollout_messages(text))
+    assert prompt_ids(tokenizer, rollout_messages(parts)) == prompt_ids(
+        tokenizer, rollout_messages(text)
+    )
     assert judge_request(parts, "answer") == judge_request(text, "answer")
 
 

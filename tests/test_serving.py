@@ -42,16 +42,23 @@ def test_stream_concatenates_to_the_non_stream_text(client):
         assert text and full.usage.completion_tokens == 16
         assert full.usage.total_tokens == full.usage.prompt_tokens + 16
 
-        chunks = list(client.chat.completions.create(
-            model=model, messages=ask("Plan my week"), stream=True,
-            stream_options={"include_usage": True}, **GREEDY))
+        chunks = list(
+            client.chat.completions.create(
+                model=model,
+                messages=ask("Plan my week"),
+                stream=True,
+                stream_options={"include_usage": True},
+                **GREEDY,
+            )
+        )
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert streamed == text
         assert chunks[-1].usage.completion_tokens == 16  # usage arrives in the final chunk
 
     # Without include_usage the client sees no usage chunk (we ask vLLM for it internally).
-    chunks = list(client.chat.completions.create(
-        model="dynalign", messages=ask("hi"), stream=True, **GREEDY))
+    chunks = list(
+        client.chat.completions.create(model="dynalign", messages=ask("hi"), stream=True, **GREEDY)
+    )
     assert all(c.usage is None for c in chunks) and all(c.choices for c in chunks)
 
 
@@ -62,20 +69,27 @@ def test_greedy_output_depends_on_the_prompt(client):
 
 
 def test_n_choices(client):
-    out = client.chat.completions.create(model="dynalign", messages=ask("hi"), n=4,
-                                         temperature=1.0, max_tokens=8, seed=1)
+    out = client.chat.completions.create(
+        model="dynalign", messages=ask("hi"), n=4, temperature=1.0, max_tokens=8, seed=1
+    )
     assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
     assert all(c.finish_reason in ("stop", "length") for c in out.choices)
     assert 4 <= out.usage.completion_tokens <= 4 * 8
 
 
 def test_stop_sequence_cuts_the_text(client):
-    full = client.chat.completions.create(model="dynalign", messages=ask("Plan my week"),
-                                          temperature=0, max_tokens=32).choices[0].message.content
+    full = (
+        client.chat.completions.create(
+            model="dynalign", messages=ask("Plan my week"), temperature=0, max_tokens=32
+        )
+        .choices[0]
+        .message.content
+    )
     stop = full[6:9]
     assert stop.strip(), f"need a visible stop string in {full!r}"
-    cut = client.chat.completions.create(model="dynalign", messages=ask("Plan my week"),
-                                         temperature=0, max_tokens=32, stop=[stop]).choices[0]
+    cut = client.chat.completions.create(
+        model="dynalign", messages=ask("Plan my week"), temperature=0, max_tokens=32, stop=[stop]
+    ).choices[0]
     assert cut.finish_reason == "stop"
     assert cut.message.content == full[: full.index(stop)]
 
@@ -86,21 +100,46 @@ def test_every_served_completion_is_logged_once_and_opt_outs_never(client, serve
     opt_meta = conversation("optout-meta")
 
     plain = client.chat.completions.with_raw_response.create(
-        model="dynalign", messages=ask("Plan a garden"), extra_headers=logged, user="alice",
-        seed=7, stop=["zzz"], **GREEDY)
-    list(client.chat.completions.create(
-        model="dynalign@base", messages=ask("Plan a garden") + [
-            {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}],
-        stream=True, extra_headers=logged, **GREEDY))
-    client.chat.completions.create(model="dynalign", messages=ask("secret"), **GREEDY,
-                                   extra_headers={**opt_header, "X-Dynalign-No-Train": "1"})
-    client.chat.completions.create(model="dynalign", messages=ask("secret"), **GREEDY,
-                                   extra_headers=opt_meta, extra_body={"metadata": {"train": False}})
+        model="dynalign",
+        messages=ask("Plan a garden"),
+        extra_headers=logged,
+        user="alice",
+        seed=7,
+        stop=["zzz"],
+        **GREEDY,
+    )
+    list(
+        client.chat.completions.create(
+            model="dynalign@base",
+            messages=ask("Plan a garden")
+            + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}],
+            stream=True,
+            extra_headers=logged,
+            **GREEDY,
+        )
+    )
+    client.chat.completions.create(
+        model="dynalign",
+        messages=ask("secret"),
+        **GREEDY,
+        extra_headers={**opt_header, "X-Dynalign-No-Train": "1"},
+    )
+    client.chat.completions.create(
+        model="dynalign",
+        messages=ask("secret"),
+        **GREEDY,
+        extra_headers=opt_meta,
+        extra_body={"metadata": {"train": False}},
+    )
 
-    ids = {logged["X-Dynalign-Conversation-Id"], opt_header["X-Dynalign-Conversation-Id"],
-           opt_meta["X-Dynalign-Conversation-Id"]}
-    found = read_records(broker.bootstrap, TOPIC, lambda r: r["conversation_id"] in ids,
-                         expected=2, settle_s=1.0)
+    ids = {
+        logged["X-Dynalign-Conversation-Id"],
+        opt_header["X-Dynalign-Conversation-Id"],
+        opt_meta["X-Dynalign-Conversation-Id"],
+    }
+    found = read_records(
+        broker.bootstrap, TOPIC, lambda r: r["conversation_id"] in ids, expected=2, settle_s=1.0
+    )
     assert server.metric("dynalign_outbox_depth_records") == 0
     records = [InteractionRecord.model_validate(r) for r, _ in found]  # every field, no extras
     assert [r.conversation_id for r in records] == [logged["X-Dynalign-Conversation-Id"]] * 2
@@ -132,14 +171,28 @@ def test_bad_requests_get_openai_style_errors(client, server):
         "malformed JSON": (post(b'{"model": "dynalign", "messages": ['), 400),
         "missing messages": (post(b'{"model": "dynalign"}'), 400),
         "unknown model": (post(json.dumps({"model": "gpt-9", "messages": ask("x")}).encode()), 404),
-        "oversized prompt": (post(json.dumps({"model": "dynalign",
-                                              "messages": ask("word " * 2000)}).encode()), 400),
-        "oversized body": (post(json.dumps({"model": "dynalign",
-                                            "messages": ask("x" * 300_000)}).encode()), 400),
-        "bad key": (post(json.dumps({"model": "dynalign", "messages": ask("x")}).encode(),
-                         {**auth, "Authorization": "Bearer wrong"}), 401),
-        "no key": (post(json.dumps({"model": "dynalign", "messages": ask("x")}).encode(),
-                        {"Content-Type": "application/json"}), 401),
+        "oversized prompt": (
+            post(json.dumps({"model": "dynalign", "messages": ask("word " * 2000)}).encode()),
+            400,
+        ),
+        "oversized body": (
+            post(json.dumps({"model": "dynalign", "messages": ask("x" * 300_000)}).encode()),
+            400,
+        ),
+        "bad key": (
+            post(
+                json.dumps({"model": "dynalign", "messages": ask("x")}).encode(),
+                {**auth, "Authorization": "Bearer wrong"},
+            ),
+            401,
+        ),
+        "no key": (
+            post(
+                json.dumps({"model": "dynalign", "messages": ask("x")}).encode(),
+                {"Content-Type": "application/json"},
+            ),
+            401,
+        ),
     }
     for name, (response, status) in cases.items():
         assert response.status_code == status, (name, response.text)
@@ -152,8 +205,9 @@ def test_bad_requests_get_openai_style_errors(client, server):
     with pytest.raises(openai.BadRequestError, match="(?i)context|length|tokens"):
         client.chat.completions.create(model="dynalign", messages=ask("word " * 2000))
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="wrong", max_retries=0
-                      ).chat.completions.create(model="dynalign", messages=ask("x"))
+        openai.OpenAI(
+            base_url=f"{server.base_url}/v1", api_key="wrong", max_retries=0
+        ).chat.completions.create(model="dynalign", messages=ask("x"))
     # The server is still healthy after all that.
     assert httpx.get(f"{server.base_url}/health").status_code == 200
 
@@ -164,16 +218,28 @@ def test_broker_outage_loses_nothing(client, server, broker):
     tag = conversation("outage")
     broker.stop()
     try:
-        served = [client.chat.completions.create(model="dynalign", messages=ask(f"q{i}"),
-                                                 extra_headers=tag, temperature=0, max_tokens=4)
-                  for i in range(6)]
+        served = [
+            client.chat.completions.create(
+                model="dynalign",
+                messages=ask(f"q{i}"),
+                extra_headers=tag,
+                temperature=0,
+                max_tokens=4,
+            )
+            for i in range(6)
+        ]
         assert all(r.choices[0].message.content is not None for r in served)
         assert server.metric("dynalign_outbox_depth_records") >= 1
     finally:
         broker.start()
-    found = read_records(broker.bootstrap, TOPIC,
-                         lambda r: r["conversation_id"] == tag["X-Dynalign-Conversation-Id"],
-                         expected=6, timeout_s=120, settle_s=2.0)
+    found = read_records(
+        broker.bootstrap,
+        TOPIC,
+        lambda r: r["conversation_id"] == tag["X-Dynalign-Conversation-Id"],
+        expected=6,
+        timeout_s=120,
+        settle_s=2.0,
+    )
     ids = [r["id"] for r, _ in found]
     assert len(ids) == 6 and len(set(ids)) == 6
     assert server.metric("dynalign_outbox_publish_errors_total") >= 1

@@ -41,17 +41,22 @@ def test_jensen_shannon_matches_scipy():
     edges = drift.REWARD_EDGES
     for _ in range(50):
         p, q = rng.uniform(0, 5, 256), np.clip(rng.normal(rng.uniform(0, 5), 1, 256), 0, 5)
-        expected = jensenshannon(drift.bin_shares(p, edges), drift.bin_shares(q, edges),
-                                 base=2) ** 2
+        expected = (
+            jensenshannon(drift.bin_shares(p, edges), drift.bin_shares(q, edges), base=2) ** 2
+        )
         assert drift.jensen_shannon(p, q, edges) == pytest.approx(expected, abs=1e-12)
 
 
 def test_rouge_l_matches_rouge_score():
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    words = ("The agent plans a week, of tasks for the team (with care) and goals in mind; "
-             "Ünïcode, 3.5 ok?").split()
-    texts = [" ".join(random.Random(i).choices(words, k=random.Random(i).randint(1, 40)))
-             for i in range(60)]
+    words = (
+        "The agent plans a week, of tasks for the team (with care) and goals in mind; "
+        "Ünïcode, 3.5 ok?"
+    ).split()
+    texts = [
+        " ".join(random.Random(i).choices(words, k=random.Random(i).randint(1, 40)))
+        for i in range(60)
+    ]
     for a in texts[:30]:
         for b in texts[30:]:
             expected = scorer.score(a, b)["rougeL"].fmeasure
