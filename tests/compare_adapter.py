@@ -1,6 +1,10 @@
-"""Greedy outputs of base vs a PEFT adapter, through vLLM. Prints one JSON line.
+"""How far a PEFT adapter served by vLLM moves the base model: the base's greedy answers to two
+chats, scored token by token with and without the adapter. Prints one JSON line.
 
-python tests/compare_adapter.py MODEL_DIR ADAPTER_DIR
+    python tests/compare_adapter.py MODEL_DIR ADAPTER_DIR
+
+Log-probabilities, not greedy text: two small steps on a random tiny model move them clearly
+but need not flip an argmax.
 """
 
 import json
@@ -16,16 +20,31 @@ def main() -> None:
 
     model, adapter = sys.argv[1], sys.argv[2]
     llm = LLM(**engine_kwargs(ModelConfig(path=model, max_model_len=512)))
-    prompts = [[{"role": "user", "content": text}] for text in ("Plan my week", "hello")]
-    greedy = SamplingParams(temperature=0, max_tokens=16)
-    base = [o.outputs[0].text for o in llm.chat(prompts, greedy, use_tqdm=False)]
-    tuned = [
-        o.outputs[0].text
-        for o in llm.chat(
-            prompts, greedy, use_tqdm=False, lora_request=LoRARequest("candidate", 1, adapter)
-        )
+    chats = [[{"role": "user", "content": text}] for text in ("Plan my week", "hello")]
+    answers = llm.chat(chats, SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
+    sequences = [
+        {"prompt_token_ids": [*a.prompt_token_ids, *a.outputs[0].token_ids]} for a in answers
     ]
-    print(json.dumps({"base": base, "adapter": tuned}))
+    score = SamplingParams(max_tokens=1, prompt_logprobs=0)
+
+    def logprobs(lora: LoRARequest | None) -> list[float]:
+        out = llm.generate(sequences, score, lora_request=lora, use_tqdm=False)
+        return [
+            next(iter(step.values())).logprob
+            for o in out
+            for step in o.prompt_logprobs
+            if step is not None
+        ]
+
+    base, tuned = logprobs(None), logprobs(LoRARequest("candidate", 1, adapter))
+    print(
+        json.dumps(
+            {
+                "base_answers": [a.outputs[0].text for a in answers],
+                "max_logprob_change": max(abs(b - t) for b, t in zip(base, tuned, strict=True)),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

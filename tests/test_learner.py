@@ -168,8 +168,8 @@ def test_chats_become_candidates_and_sigkills_lose_or_repeat_nothing(loop, tiny_
         timeout=600,
     )
     assert compare.returncode == 0, compare.stderr[-3000:]
-    outputs = json_result(compare.stdout)
-    assert outputs["base"] != outputs["adapter"]
+    # vLLM serves the candidate and it moves the base model's own answers.
+    assert json_result(compare.stdout)["max_logprob_change"] > 0.01
 
     # SIGKILL after the checkpoint and version, before the offsets commit.
     before = committed(broker)
