@@ -20,14 +20,18 @@ from shared.prompts import OUTPUT_SYSTEM_PROMPT
 # advantages
 
 
-def group_advantages(rewards: Tensor, valid: Tensor, eps: float = 1e-4) -> Tensor:
-    """(reward - group mean) / (group std + eps), statistics over each group's valid members.
+def group_advantages(
+    rewards: Tensor, valid: Tensor, eps: float = 1e-4, std_floor: float = 0.0
+) -> Tensor:
+    """(reward - group mean) / (max(group std, std_floor) + eps), over each group's valid members.
 
     rewards [P, G] (anything where ~valid, NaN included), valid [P, G] bool -> [P, G].
     As TRL 1.16 (scale_rewards="group", trl.trainer.utils.nanstd): the *sample* std (Bessel, n-1)
     and eps=1e-4; an unparsable candidate is left out of its group's statistics and gets 0.
     A group with < 2 valid members or one distinct reward has no signal: all zeros (tested
     exactly via max == min, so float rounding in the mean cannot leak a tiny advantage).
+    std_floor (not in TRL): expected self-scores of near-equal answers differ by numeric jitter
+    (4.300 +- 0.002); dividing by that std would turn the jitter into full-size advantages.
     """
     valid = valid.bool()
     r = torch.where(valid, rewards, 0.0)  # NaN-free: NaN * 0 would poison the sums
@@ -35,7 +39,7 @@ def group_advantages(rewards: Tensor, valid: Tensor, eps: float = 1e-4) -> Tenso
     n = w.sum(-1, keepdim=True)  # [P, 1]
     mean = r.sum(-1, keepdim=True) / n.clamp(min=1)
     var = (((r - mean) * w) ** 2).sum(-1, keepdim=True) / (n - 1).clamp(min=1)
-    adv = (r - mean) / (var.sqrt() + eps)
+    adv = (r - mean) / (var.sqrt().clamp(min=std_floor) + eps)
     hi = torch.where(valid, r, -torch.inf).amax(-1, keepdim=True)
     lo = torch.where(valid, r, torch.inf).amin(-1, keepdim=True)
     return torch.where(valid & (n >= 2) & (hi > lo), adv, 0.0)

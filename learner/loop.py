@@ -208,7 +208,9 @@ class Learner:
             [[float("nan") if s is None else s for s in row] for row in scores], dtype=torch.float32
         )  # [P, G]
         valid = ~rewards.isnan()
-        advantages = group_advantages(rewards, valid)  # [P, G]
+        advantages = group_advantages(
+            rewards, valid, std_floor=self.cfg.learner.advantage_std_floor
+        )
         examples = [
             training_inputs(self.tokenizer, conv, cand.token_ids)
             for conv, group in zip(conversations, candidates, strict=True)

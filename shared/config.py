@@ -134,6 +134,10 @@ class LearnerConfig(Section):
     max_new_tokens: int = 256
     max_prompt_tokens: int = 1024
     reward_mode: Literal["greedy", "expected"] = "expected"
+    # A group's reward std below this (0-5 scale) counts as this when scaling advantages, so
+    # jitter between near-equal `expected` scores is not amplified into gradient. Integer
+    # (`greedy`) scores that differ at all have a std of at least 0.35, above it.
+    advantage_std_floor: float = Field(0.1, ge=0.0)
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0

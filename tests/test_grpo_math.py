@@ -53,6 +53,19 @@ def test_advantages_zero_variance_and_lone_valid_groups_are_zero():
     assert torch.equal(group_advantages(r, valid), torch.zeros_like(r))
 
 
+def test_the_std_floor_keeps_jitter_from_becoming_gradient():
+    """Near-equal expected scores (4.300 +- 0.002): advantages of +-0.9 without the floor, at
+    most 0.02 with it; a group whose std is above the floor is scaled exactly as before."""
+    valid = torch.ones(1, 8, dtype=torch.bool)
+    jitter = torch.tensor([[4.298, 4.302] * 4], dtype=torch.float64)
+    assert group_advantages(jitter, valid).abs().min() > 0.85
+    assert group_advantages(jitter, valid, std_floor=0.1).abs().max() < 0.021
+    spread = torch.tensor([[0.0, 1.0, 3.0, 4.0, 5.0, 5.0, 2.0, 4.0]], dtype=torch.float64)
+    torch.testing.assert_close(
+        group_advantages(spread, valid, std_floor=0.1), group_advantages(spread, valid)
+    )
+
+
 def test_advantages_unparsable_candidate_excluded():
     r = torch.tensor([[1.0, 2.0, float("nan"), 4.0, 5.0, 0.0, 3.0, 3.0]], dtype=torch.float64)
     valid = ~torch.isnan(r)
