@@ -27,12 +27,18 @@ from serving.aliases import Route, UnknownModel
 from serving.deps import Caller, ServerState
 from serving.limits import Permit
 from serving.optout import parse_flag
-from shared.schemas import Choice, InteractionRecord, SamplingParams, Usage, utc_now
+from shared.schemas import (
+    OPT_OUT_HEADER,
+    Choice,
+    InteractionRecord,
+    SamplingParams,
+    Usage,
+    utc_now,
+)
 from shared.vllm_compat import ChatCompletionRequest, ChatCompletionResponse, StreamOptions
 
 log = logging.getLogger(__name__)
 
-OPT_OUT_HEADER = "x-dynalign-no-train"
 CONVERSATION_HEADER = "x-dynalign-conversation-id"
 VERSION_HEADER = "x-dynalign-adapter-version"
 INTERACTION_HEADER = "x-dynalign-interaction-id"

@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 
 from shared.config import load_config
 from shared.prompts import CA_DEFINITION
+from shared.schemas import OPT_OUT_HEADER
 
 # Ours, not the paper's (see the module docstring). Fields: {prompt}, {response_a}, {response_b}.
 JUDGE_PROMPT = (
@@ -77,6 +78,9 @@ class Endpoint(BaseModel):
             api_key=self.api_key,
             timeout=self.timeout_s,
             max_retries=self.max_retries,
+            # Evaluation and datagen answers through a dynalign server are not user traffic:
+            # never training data (other endpoints ignore the header).
+            default_headers={OPT_OUT_HEADER: "true"},
         )
 
 

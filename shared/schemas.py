@@ -17,6 +17,9 @@ INTERACTION_SCHEMA_VERSION = 2
 # Versions a consumer can read. v1 had no principal_hash: it reads as the user_hash.
 READABLE_SCHEMA_VERSIONS = frozenset({1, 2})
 SCHEMA_VERSION_HEADER = "schema-version"
+# The HTTP header a chat request opts out of training with (serving/optout.py); every request
+# dynalign itself sends (evaluation, datagen, judging) carries it.
+OPT_OUT_HEADER = "x-dynalign-no-train"
 
 
 def utc_now() -> datetime:
