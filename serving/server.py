@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from http import HTTPStatus
 
 from fastapi import FastAPI, HTTPException
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving import metrics
 from serving.adapters import AdapterFollower, AdapterRefused
@@ -28,7 +29,7 @@ from serving.routes import error_json, router
 from shared.config import DynalignConfig
 from shared.engine import parse_vllm_args, vllm_cli_args
 from shared.registry import base_fingerprint
-from shared.vllm_compat import init_exception_handler
+from shared.vllm_compat import http_exception_handler, init_exception_handler
 
 log = logging.getLogger(__name__)
 
@@ -139,5 +140,8 @@ def create_app(cfg: DynalignConfig, outbox: Outbox | None) -> FastAPI:
     app.include_router(router)
     app.include_router(admin_router)
     init_exception_handler(app)  # vLLM's: every error becomes OpenAI-style JSON, never a bare 500
+    # ... except Starlette's own HTTPException (vLLM registers FastAPI's subclass), which FastAPI
+    # raises for an undecodable body and Starlette for an unknown route or method.
+    app.exception_handler(StarletteHTTPException)(http_exception_handler)
     app.add_middleware(RequestSizeLimit, max_bytes=cfg.serving.max_request_bytes)
     return app

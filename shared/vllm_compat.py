@@ -30,6 +30,9 @@ from vllm.entrypoints.openai.chat_completion.protocol import (  # noqa: E402
 )
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest  # noqa: E402
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse, ModelCard, ModelList  # noqa: E402
+from vllm.entrypoints.serve.exception_handling.handlers.http import (  # noqa: E402
+    http_exception_handler,
+)
 from vllm.entrypoints.serve.exception_handling.register import (  # noqa: E402
     init_exception_handler,
 )
@@ -61,6 +64,7 @@ __all__ = [
     "build_async_engine_client",
     "cpu_lora_modules",
     "init_app_state",
+    "http_exception_handler",
     "init_exception_handler",
     "make_arg_parser",
     "validate_json_request",

@@ -5,6 +5,9 @@ broker."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 
 import httpx
@@ -160,6 +163,61 @@ def test_every_served_completion_is_logged_once_and_opt_outs_never(client, serve
     assert headers["schema-version"] == "2" and headers["record-id"] == records[0].id
 
 
+def test_dynalign_own_requests_are_never_logged(client, server, broker, tmp_path):
+    """Evaluation, datagen and judging through the server must not become training data:
+    every request dynalign itself sends carries the opt-out."""
+    marker = uuid.uuid4().hex
+    prompts = tmp_path / "heldout.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"Held-out {marker} {i}"}) + "\n" for i in range(2))
+    )
+    served_before = server.metric_sum("dynalign_requests_total")
+
+    def dynalign(command: str, *paths: str) -> None:
+        args = [*command.split(), "--base-url", f"{server.base_url}/v1", *paths, "--json"]
+        subprocess.run(
+            [sys.executable, "-m", "dynalign", *args],
+            check=True,
+            timeout=300,
+            capture_output=True,
+            env={**os.environ, "OPENAI_API_KEY": API_KEY},
+        )
+
+    dynalign(
+        "eval pairwise --a dynalign --b dynalign@base --judge dynalign --max-tokens 4 "
+        "--judge-max-tokens 2 --resamples 10",
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(tmp_path / "eval"),
+    )
+    dynalign(
+        "datagen --model dynalign --num-goals 1 --max-refinements 0 --max-tokens 4 --no-progress",
+        "--out",
+        str(tmp_path / "datagen"),
+    )
+    # Both runs reached the server: 2 prompts x (2 answers + 2 verdicts); goal, prompt, critique.
+    assert server.metric_sum("dynalign_requests_total") >= served_before + 8 + 3
+
+    # A chat sent afterwards is logged; once it is in the topic, nothing of the runs' is.
+    after = conversation("after")
+    client.chat.completions.create(
+        model="dynalign", messages=ask("after"), extra_headers=after, **GREEDY
+    )
+    found = read_records(
+        broker.bootstrap,
+        TOPIC,
+        lambda r: (
+            r["conversation_id"] == after["X-Dynalign-Conversation-Id"]
+            or marker in json.dumps(r)
+            or "#Task Prompt#" in json.dumps(r)
+        ),
+        expected=1,
+        settle_s=1.0,
+    )
+    assert [r["conversation_id"] for r, _ in found] == [after["X-Dynalign-Conversation-Id"]]
+
+
 def test_bad_requests_get_openai_style_errors(client, server):
     url = f"{server.base_url}/v1/chat/completions"
     auth = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
@@ -170,6 +228,10 @@ def test_bad_requests_get_openai_style_errors(client, server):
     cases = {
         "malformed JSON": (post(b'{"model": "dynalign", "messages": ['), 400),
         "missing messages": (post(b'{"model": "dynalign"}'), 400),
+        # A UTF-16 byte-order mark on bytes that are not UTF-16: FastAPI's own 400.
+        "undecodable body": (post(b'\xff\xfe{"model": "dynalign", "messages": []}'), 400),
+        "unknown route": (httpx.post(f"{server.base_url}/v1/chat/complete", headers=auth), 404),
+        "wrong method": (httpx.get(url, headers=auth), 405),
         "unknown model": (post(json.dumps({"model": "gpt-9", "messages": ask("x")}).encode()), 404),
         "oversized prompt": (
             post(json.dumps({"model": "dynalign", "messages": ask("word " * 2000)}).encode()),
