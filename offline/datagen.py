@@ -526,6 +526,27 @@ def _save_histogram(
     figure.savefig(path, format="png")
 
 
+def write_diversity_figures(
+    prompts: Sequence[str], out_dir: Path, max_pairs: int, seed: int, threshold: float
+) -> tuple[list[float], list[int], list[str]]:
+    """The paper's Figure 3 for any prompt set: pairwise ROUGE-L and length histograms in
+    out_dir. Returns the similarities, the lengths in words and the figures' file names."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    similarities = pairwise_rouge_l(prompts, max_pairs, seed)
+    lengths = [len(p.split()) for p in prompts]
+    rouge_png, length_png = out_dir / "rouge_l_pairwise.png", out_dir / "prompt_length.png"
+    _save_histogram(
+        rouge_png,
+        similarities,
+        np.linspace(0, 1, 21),
+        f"Pairwise ROUGE-L of {len(prompts)} prompts",
+        "ROUGE-L F",
+        marker=threshold,
+    )
+    _save_histogram(length_png, lengths, "auto", f"Length of {len(prompts)} prompts", "words")
+    return similarities, lengths, [rouge_png.name, length_png.name]
+
+
 def write_report(
     out_dir: Path, settings: DatagenSettings, errors_this_run: int = 0
 ) -> DatagenReport:
@@ -535,19 +556,13 @@ def write_report(
     kept = read_records(paths.prompts, PromptRecord)
     rejected = read_records(paths.rejected, PromptRecord)
     statuses = Counter(r.status for r in rejected)
-    prompts = [r.prompt for r in kept]
-    similarities = pairwise_rouge_l(prompts, settings.histogram_max_pairs, settings.seed)
-    lengths = [len(p.split()) for p in prompts]
-    rouge_png, length_png = out_dir / "rouge_l_pairwise.png", out_dir / "prompt_length.png"
-    _save_histogram(
-        rouge_png,
-        similarities,
-        np.linspace(0, 1, 21),
-        f"Pairwise ROUGE-L of {len(prompts)} prompts",
-        "ROUGE-L F",
-        marker=settings.rouge_l_threshold,
+    similarities, lengths, figures = write_diversity_figures(
+        [r.prompt for r in kept],
+        out_dir,
+        settings.histogram_max_pairs,
+        settings.seed,
+        settings.rouge_l_threshold,
     )
-    _save_histogram(length_png, lengths, "auto", f"Length of {len(prompts)} prompts", "words")
     report = DatagenReport(
         goals=len(kept) + len(rejected),
         kept=len(kept),
@@ -560,7 +575,7 @@ def write_report(
         rounds_of_kept=dict(sorted(Counter(r.rounds for r in kept).items())),
         rouge_l_pairwise=Distribution.of(similarities),
         prompt_words=Distribution.of(lengths),
-        figures=[rouge_png.name, length_png.name],
+        figures=figures,
     )
     paths.report.write_text(report.model_dump_json(indent=2) + "\n")
     return report
@@ -657,8 +672,33 @@ def datagen_command(
     ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    diversity_of: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Generate nothing: draw the pairwise ROUGE-L and length figures of the "
+            "prompts in these JSONL files (a `prompt` field) into --out."
+        ),
+    ] = None,
 ) -> None:
     """Generate CA training prompts: goals -> task prompts -> critique/refine -> dedupe."""
+    if diversity_of:
+        prompts = [row["prompt"] for path in diversity_of for _, row in read_jsonl(path)]
+        defaults = {name: f.default for name, f in DatagenSettings.model_fields.items()}
+        similarities, lengths, figures = write_diversity_figures(
+            prompts,
+            out,
+            defaults["histogram_max_pairs"],
+            defaults["seed"],
+            rouge_threshold or defaults["rouge_l_threshold"],
+        )
+        summary = {
+            "prompts": len(prompts),
+            "rouge_l_pairwise": Distribution.of(similarities).model_dump(),
+            "prompt_words": Distribution.of(lengths).model_dump(),
+            "figures": [str(out / name) for name in figures],
+        }
+        print(json.dumps(summary, indent=2))
+        return
     values = load_settings_file(settings_file) if settings_file else {}
     url = base_url or default_base_url()
     for role, spec in (

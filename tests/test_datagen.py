@@ -257,3 +257,29 @@ def test_cleaning() -> None:
     assert clean_task_prompt('"Plan it."') == "Plan it."
     assert clean_goal("1. Task: Buy a house\nmore") == "Buy a house"
     assert clean_goal("**Plan a wedding**") == "Plan a wedding"
+
+
+def test_diversity_of_an_existing_prompt_set(tmp_path: Path) -> None:
+    """`dynalign datagen --diversity-of` draws the Figure 3 histograms of any prompt files
+    without generating anything (how shared/data/ca_prompts' figures are made)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from dynalign.cli import app
+
+    files = []
+    for name, texts in {
+        "a": ["Plan a garden with neighbours", "Run a food bank"],
+        "b": ["Plan a garden with my neighbours", "Teach a child to swim"],
+    }.items():
+        files += ["--diversity-of", str(tmp_path / f"{name}.jsonl")]
+        (tmp_path / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"prompt": t}) + "\n" for t in texts)
+        )
+    result = CliRunner().invoke(app, ["datagen", *files, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["prompts"] == 4 and summary["rouge_l_pairwise"]["max"] > 0.8  # the near-copy
+    for figure in summary["figures"]:
+        assert Image.open(figure).format == "PNG"
