@@ -47,6 +47,7 @@ def _versions(registry: Registry, state: RegistryState) -> list[dict]:
         {
             "version": v,
             "state": state.states.get(v, "candidate"),
+            "gate": state.gate_results.get(v),
             **registry.manifest(v).model_dump(mode="json", exclude={"version"}),
         }
         for v in registry.versions()
@@ -101,13 +102,14 @@ def list_versions(config: ConfigOpt = None, store: StoreOpt = None, as_json: Jso
         title=f"adapters in {registry.root}  (live: "
         f"{'base' if state.live is None else f'v{state.live}'})"
     )
-    for column in ("version", "state", "parent", "steps", "reward", "kl", "created"):
+    for column in ("version", "state", "gate", "parent", "steps", "reward", "kl", "created"):
         table.add_column(column)
     for row in rows:
         m = row["metrics"]
         table.add_row(
             f"v{row['version']}",
             row["state"],
+            _gate_summary(row["gate"]),
             str(row["parent_version"] or "-"),
             str(row["steps"]),
             f"{m.get('reward_mean', float('nan')):.2f}",
@@ -115,6 +117,14 @@ def list_versions(config: ConfigOpt = None, store: StoreOpt = None, as_json: Jso
             row["created_at"][:19],
         )
     console.print(table)
+
+
+def _gate_summary(gate: dict | None) -> str:
+    """'pass +0.12 [-0.01, +0.25]': the outcome and the frozen-judge score vs live with its CI."""
+    if not gate or "outcome" not in gate:  # not judged (yet), or judged before evidence CIs
+        return "-"
+    low, high = gate["score_diff_ci"]
+    return f"{gate['outcome']} {gate['score_diff']:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
 @adapters_app.command()
@@ -125,7 +135,12 @@ def show(version: int, config: ConfigOpt = None, store: StoreOpt = None, as_json
         manifest = registry.manifest(version)
     except FileNotFoundError:
         _fail(RegistryError(f"v{version} does not exist"))
-    data = {"state": registry.state_of(version), **manifest.model_dump(mode="json")}
+    state = registry.read_state()
+    data = {
+        "state": state.states.get(version, "candidate"),
+        "gate": state.gate_results.get(version),
+        **manifest.model_dump(mode="json"),
+    }
     typer.echo(json.dumps(data, indent=None if as_json else 2))
 
 

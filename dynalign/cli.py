@@ -344,6 +344,12 @@ def learner_settings(cfg: DynalignConfig, single_user: bool = False) -> Dynalign
     chosen = cfg.learner if has_gpu() else cfg.learner.cpu_sized()
     if not has_gpu():
         cfg.gate = cfg.gate.cpu_sized()
+    if single_user and "on_inconclusive" not in cfg.gate.model_fields_set:
+        cfg.gate = cfg.gate.model_copy(update={"on_inconclusive": "promote"})
+        console.print(
+            "[yellow]demo: a candidate the gate cannot judge is promoted "
+            "(gate.on_inconclusive=promote); a deployment holds it for an operator[/yellow]"
+        )
     if single_user and "max_user_share" not in cfg.learner.model_fields_set:
         chosen = chosen.model_copy(update={"max_user_share": 1.0})
         console.print(

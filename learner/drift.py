@@ -272,22 +272,31 @@ class DriftMonitor:
 MONITOR = DriftMonitor()
 
 _EVALUATIONS = VersionedGauges(
-    [metrics.PROBE_KL, metrics.GATE_WIN_RATIO, metrics.IFEVAL_CANARY_ACCURACY], keep=5
+    [
+        metrics.PROBE_KL,
+        metrics.GATE_SCORE_DIFF,
+        metrics.GATE_WIN_RATIO,
+        metrics.IFEVAL_CANARY_ACCURACY,
+    ],
+    keep=5,
 )
 
 
 def record_gate_result(
     version: int | None,
-    win_rate: float | None,
+    score_diff: float | None,
     probe_kl: float | None,
+    win_rate: float | None = None,
     ifeval_accuracy: float | None = None,
 ) -> None:
-    """The gate's verdict on a version: pairwise win rate against live (None when no judgement
-    was consistent), mean per-token KL to the base on the fixed probe prompts (nats), and the
-    IFEval canary's prompt-level strict accuracy when the canary ran."""
+    """The gate's measurements of a version: the frozen judge's mean score difference against
+    live on the probe prompts, the mean per-token KL to the base there (nats), the pairwise win
+    rate against live (with a judge endpoint, and some judgement consistent), and the IFEval
+    canary's prompt-level strict accuracy when the canary ran."""
     _EVALUATIONS.set(
         version,
         {
+            metrics.GATE_SCORE_DIFF: score_diff,
             metrics.GATE_WIN_RATIO: win_rate,
             metrics.PROBE_KL: probe_kl,
             metrics.IFEVAL_CANARY_ACCURACY: ifeval_accuracy,

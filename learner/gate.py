@@ -1,12 +1,17 @@
 """The gate between a candidate adapter and `live`: nothing goes live ungated.
 
-On a held-out probe set (shipped CA task prompts in the paper's style, or datagen output):
-  pairwise   candidate vs live, judged in both orders, a win only when consistent (paper 3.1);
-             the judge is the policy itself (verdict read from the probabilities of "A" and
-             "B", as the learner's `expected` reward does) or any OpenAI-compatible endpoint;
+On a held-out probe set (shipped CA task prompts in the paper's style, or datagen output), both
+versions answer greedily and the evidence is weighed:
+  score      the frozen base model's CA score (the paper's reward prompt, expected over 0-5) of
+             each probe's two answers, paired: mean difference (candidate - live) with a
+             bootstrap CI. pass: not worse by more than gate.score_margin (CI low end above
+             -margin); reject: worse by more (CI high end below -margin); else inconclusive;
+  pairwise   only with gate.judge_endpoint: candidate vs live judged in both orders, a win only
+             when consistent (paper 3.1); reject when the win rate's whole CI is below
+             gate.min_win_rate;
   canaries   KL to the base model on the candidate's answers, answer-length growth vs live,
-             the self-score unparsable rate of the candidate's answers.
-Pass → promote (unless pinned or `auto_promote` is off); fail → rejected, with reasons.
+             IFEval prompt-level strict accuracy vs live: any one tripping rejects.
+The verdict goes to the lifecycle, which promotes, rejects or holds (gate.on_inconclusive).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel
@@ -24,28 +30,49 @@ from learner.rollout import RolloutEngine
 from shared.config import GateConfig
 from shared.files import read_jsonl
 from shared.judge import (
-    JUDGE_PROMPT,
     JudgeSettings,
-    Verdict,
+    bootstrap_mean_ci,
     judge_items,
     parse_target,
     summarize_pairwise,
-    verdict_from_probs,
 )
+
+GateOutcome = Literal["pass", "reject", "inconclusive"]
+
+
+def score_outcome(ci_low: float, ci_high: float, margin: float) -> GateOutcome:
+    """Non-inferiority by a margin, from the CI of the mean (candidate - live) difference."""
+    if ci_low > -margin:
+        return "pass"
+    if ci_high < -margin:
+        return "reject"
+    return "inconclusive"
 
 
 class GateResult(BaseModel):
-    passed: bool
+    outcome: GateOutcome
     reasons: list[str]
-    win_rate: float | None
-    wins: int
-    losses: int
-    inconsistent: int
+    probes: int
+    # The frozen judge's mean scores and the paired difference with its 95% CI.
+    score_candidate: float
+    score_live: float
+    score_diff: float
+    score_diff_ci: tuple[float, float]
+    score_margin: float
+    # Only with a judge endpoint.
+    win_rate: float | None = None
+    win_rate_ci: tuple[float | None, float | None] | None = None
+    wins: int = 0
+    losses: int = 0
+    inconsistent: int = 0
     kl: float
     length_ratio: float
-    unparsable_rate: float
     ifeval_candidate: float | None = None
     ifeval_live: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.outcome == "pass"
 
 
 def probe_prompts(cfg: GateConfig) -> list[list[dict[str, str]]]:
@@ -63,7 +90,6 @@ class Gate:
         self.engine = engine
         self.model, self.layers, self.tokenizer = model, layers, tokenizer
         self.probes = probe_prompts(cfg)
-        self.letter_ids = [engine.single_token_id(letter) for letter in "AB"]
         if cfg.ifeval_prompts:
             from shared.ifeval import load_examples, prepare_offline_nltk
 
@@ -75,56 +101,88 @@ class Gate:
 
     def evaluate(self, candidate_lora, live_lora) -> GateResult:
         """candidate_lora / live_lora: vLLM LoRARequests (None = the base model)."""
-        mine = self.engine.greedy(self.probes, candidate_lora, self.cfg.max_new_tokens)
-        theirs = self.engine.greedy(self.probes, live_lora, self.cfg.max_new_tokens)
-        verdicts = self._judge(
-            [m[-1]["content"] for m in self.probes],
-            [c.text for c in mine],
-            [c.text for c in theirs],
-            candidate_lora,
-        )
-        summary = summarize_pairwise(verdicts, n_resamples=200)
-        kl = self._kl_to_base(mine)
-        length_ratio = sum(len(c.token_ids) for c in mine) / max(
-            1, sum(len(c.token_ids) for c in theirs)
-        )
-        scores = self.engine.self_scores(self.probes, [[c] for c in mine], lora=candidate_lora)
-        unparsable = sum(s[0] is None for s in scores) / len(scores)
-
-        ifeval = self._ifeval(candidate_lora, live_lora) if self.cfg.ifeval_prompts else None
-
-        reasons = []
-        if summary.win_rate is not None and summary.win_rate < self.cfg.min_win_rate:
-            reasons.append(
-                f"pairwise win rate {summary.win_rate:.2f} < {self.cfg.min_win_rate} "
-                f"({summary.wins} wins, {summary.losses} losses vs live)"
+        cfg = self.cfg
+        mine = self.engine.greedy(self.probes, candidate_lora, cfg.max_new_tokens)
+        theirs = self.engine.greedy(self.probes, live_lora, cfg.max_new_tokens)
+        scores = self.engine.frozen_scores(self.probes * 2, mine + theirs)
+        pairs = [
+            (x, y)
+            for x, y in zip(scores[: len(mine)], scores[len(mine) :], strict=True)
+            if x is not None and y is not None
+        ]
+        reasons: list[str] = []
+        if pairs:
+            diff, low, high = bootstrap_mean_ci([x - y for x, y in pairs], cfg.bootstrap_resamples)
+            outcome = score_outcome(low, high, cfg.score_margin)
+            said = (
+                f"frozen-judge score {diff:+.3f} vs live (95% CI {low:+.3f}..{high:+.3f}, "
+                f"margin {cfg.score_margin}, {len(pairs)} probes)"
             )
-        if kl > self.cfg.max_kl:
-            reasons.append(f"KL to base {kl:.3f} > {self.cfg.max_kl} nats/token")
-        if length_ratio > self.cfg.max_length_ratio:
-            reasons.append(f"answer length grew {length_ratio:.2f}x > {self.cfg.max_length_ratio}x")
-        if unparsable > self.cfg.max_unparsable_rate:
-            reasons.append(
-                f"unparsable self-scores {unparsable:.0%} > {self.cfg.max_unparsable_rate:.0%}"
-            )
-        if ifeval and ifeval[1] - ifeval[0] > self.cfg.max_ifeval_drop:
-            reasons.append(
-                f"IFEval canary fell from {ifeval[1]:.2f} to {ifeval[0]:.2f} "
-                f"(> {self.cfg.max_ifeval_drop} drop)"
-            )
-        return GateResult(
-            passed=not reasons,
+            if outcome != "pass":
+                reasons.append(said)
+        else:
+            diff = low = high = float("nan")
+            outcome = "inconclusive"
+            reasons.append("no probe could be scored (too long for the engine)")
+        result = GateResult(
+            outcome=outcome,
             reasons=reasons,
-            win_rate=summary.win_rate,
-            wins=summary.wins,
-            losses=summary.losses,
-            inconsistent=summary.inconsistent,
-            kl=kl,
-            length_ratio=length_ratio,
-            unparsable_rate=unparsable,
-            ifeval_candidate=ifeval[0] if ifeval else None,
-            ifeval_live=ifeval[1] if ifeval else None,
+            probes=len(pairs),
+            score_candidate=sum(x for x, _ in pairs) / max(1, len(pairs)),
+            score_live=sum(y for _, y in pairs) / max(1, len(pairs)),
+            score_diff=diff,
+            score_diff_ci=(low, high),
+            score_margin=cfg.score_margin,
+            kl=self._kl_to_base(mine),
+            length_ratio=sum(len(c.token_ids) for c in mine)
+            / max(1, sum(len(c.token_ids) for c in theirs)),
         )
+        tripped = self._pairwise(result, mine, theirs) if cfg.judge_endpoint else []
+        if cfg.ifeval_prompts:
+            result.ifeval_candidate, result.ifeval_live = self._ifeval(candidate_lora, live_lora)
+        tripped += self._canaries(result)
+        if tripped:  # a lost pairwise judgement or a tripped canary rejects, whatever the score
+            result.outcome = "reject"
+            result.reasons += tripped
+        return result
+
+    def _canaries(self, result: GateResult) -> list[str]:
+        cfg, tripped = self.cfg, []
+        if result.kl > cfg.max_kl:
+            tripped.append(f"KL to base {result.kl:.3f} > {cfg.max_kl} nats/token")
+        if result.length_ratio > cfg.max_length_ratio:
+            tripped.append(
+                f"answer length grew {result.length_ratio:.2f}x > {cfg.max_length_ratio}x"
+            )
+        if result.ifeval_candidate is not None and result.ifeval_live is not None:
+            if result.ifeval_live - result.ifeval_candidate > cfg.max_ifeval_drop:
+                tripped.append(
+                    f"IFEval canary fell from {result.ifeval_live:.2f} to "
+                    f"{result.ifeval_candidate:.2f} (> {cfg.max_ifeval_drop} drop)"
+                )
+        return tripped
+
+    def _pairwise(self, result: GateResult, mine, theirs) -> list[str]:
+        """Candidate vs live by the judge endpoint, both orders per probe."""
+        settings = JudgeSettings(endpoint=parse_target(self.cfg.judge_endpoint))
+        items = [
+            (p[-1]["content"], x.text, y.text)
+            for p, x, y in zip(self.probes, mine, theirs, strict=True)
+        ]
+        judged = asyncio.run(judge_items(settings, items))
+        summary = summarize_pairwise(
+            [(j.first.verdict, j.second.verdict) for j in judged],
+            n_resamples=self.cfg.bootstrap_resamples,
+        )
+        result.win_rate, result.win_rate_ci = summary.win_rate, (summary.ci_low, summary.ci_high)
+        result.wins, result.losses = summary.wins, summary.losses
+        result.inconsistent = summary.inconsistent
+        if summary.ci_high is not None and summary.ci_high < self.cfg.min_win_rate:
+            return [
+                f"pairwise win rate {summary.win_rate:.2f} (95% CI up to {summary.ci_high:.2f}) "
+                f"< {self.cfg.min_win_rate}: {summary.wins} wins, {summary.losses} losses vs live"
+            ]
+        return []
 
     def _ifeval(self, candidate_lora, live_lora) -> tuple[float, float]:
         """Prompt-level strict IFEval accuracy of (candidate, live) on the canary subset, with
@@ -141,25 +199,6 @@ class Gate:
                 evaluate_responses(self.ifeval_examples, responses)[0].prompt_level_strict
             )
         return accuracies[0], accuracies[1]
-
-    def _judge(
-        self, prompts: list[str], mine: list[str], theirs: list[str], policy_lora
-    ) -> list[tuple[Verdict, Verdict]]:
-        """(verdict with the candidate shown as A, verdict with it shown as B) per probe."""
-        if self.cfg.judge_endpoint:
-            settings = JudgeSettings(endpoint=parse_target(self.cfg.judge_endpoint))
-            judged = asyncio.run(
-                judge_items(settings, list(zip(prompts, mine, theirs, strict=True)))
-            )
-            return [(j.first.verdict, j.second.verdict) for j in judged]
-        requests = [
-            [{"role": "user", "content": JUDGE_PROMPT.format(prompt=p, response_a=a, response_b=b)}]
-            for p, x, y in zip(prompts, mine, theirs, strict=True)
-            for a, b in ((x, y), (y, x))
-        ]
-        probs = self.engine.token_distribution(requests, self.letter_ids, policy_lora)
-        letters = [verdict_from_probs(pa, pb) for pa, pb in probs]
-        return list(zip(letters[0::2], letters[1::2], strict=True))
 
     @torch.no_grad()
     def _kl_to_base(self, answers) -> float:

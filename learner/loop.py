@@ -317,14 +317,30 @@ class Learner:
             self.engine.drop(candidate_lora)
             self.engine.drop(live_lora)
             shutil.rmtree(judged, ignore_errors=True)
-        drift.record_gate_result(version, result.win_rate, result.kl, result.ifeval_candidate)
+        drift.record_gate_result(
+            version,
+            score_diff=result.score_diff,
+            probe_kl=result.kl,
+            win_rate=result.win_rate,
+            ifeval_accuracy=result.ifeval_candidate,
+        )
+        metrics.GATE_OUTCOMES.labels(result.outcome).inc()
         _, action = self.lifecycle.record_verdict(
             version,
             result.model_dump(),
             hashlib.sha256(weights).hexdigest(),
             self.cfg.gate.auto_promote,
+            self.cfg.gate.on_inconclusive,
         )
-        log.info("gate v%d: %s (%s)", version, action, "; ".join(result.reasons) or "passed")
+        log.info(
+            "gate v%d: %s, %s (score %+.3f vs live, 95%% CI %+.3f..%+.3f)%s",
+            version,
+            result.outcome,
+            action,
+            result.score_diff,
+            *result.score_diff_ci,
+            "".join(f"; {r}" for r in result.reasons),
+        )
 
     def _continue_from_live(self, why: str) -> bool:
         """Training weights := the live version (a fresh adapter while the base model is live),

@@ -116,11 +116,23 @@ PROBE_KL = Gauge(
     "Mean per-token KL(version || base) on the gate's fixed probe prompts.",
     _VERSION,
 )
-GATE_WIN_RATIO = Gauge(
-    "dynalign_learner_gate_win_ratio",
-    "Gate: share of consistent pairwise judgements the version won against live.",
+GATE_SCORE_DIFF = Gauge(
+    "dynalign_learner_gate_score_diff",
+    "Gate: mean frozen-judge CA score (0-5) of the version's probe answers minus live's.",
     _VERSION,
 )
+GATE_WIN_RATIO = Gauge(
+    "dynalign_learner_gate_win_ratio",
+    "Gate (with a judge endpoint): share of consistent pairwise judgements won against live.",
+    _VERSION,
+)
+GATE_OUTCOMES = Counter(
+    "dynalign_learner_gate_outcomes_total",
+    "Gate verdicts by outcome: pass, reject, inconclusive.",
+    ["outcome"],
+)
+for _outcome in ("pass", "reject", "inconclusive"):
+    GATE_OUTCOMES.labels(_outcome)  # exported from the start, so increase() has a series
 IFEVAL_CANARY_ACCURACY = Gauge(
     "dynalign_learner_ifeval_canary_accuracy_ratio",
     "IFEval canary prompt-level strict accuracy of the version.",

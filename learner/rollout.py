@@ -79,6 +79,11 @@ def judgeable(
     ]
 
 
+def _digit_expectation(dist: Sequence[float]) -> float | None:
+    """Probabilities of "0".."5" (renormalised over them) -> the expected score."""
+    return expected_score({str(d): math.log(p) for d, p in enumerate(dist) if p > 0})
+
+
 class RolloutEngine:
     def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, workdir: Path) -> None:
         from vllm import LLM
@@ -197,12 +202,26 @@ class RolloutEngine:
         bounds = list(itertools.accumulate([0] + [len(group) for group in candidates]))
         return [flat[a:b] for a, b in itertools.pairwise(bounds)]
 
+    def frozen_scores(
+        self, conversations: Sequence[list[dict[str, Any]]], answers: Sequence[Completion]
+    ) -> list[float | None]:
+        """The frozen base model's CA score of one answer per conversation: the paper's reward
+        prompt, the probability-weighted mean over "0".."5" (whatever reward_mode trains with).
+        The same judge for every version, never a candidate judging itself. None = too long."""
+        requests = [judge_request(c, a.text) for c, a in zip(conversations, answers, strict=True)]
+        scorable = judgeable(self.tokenizer, requests, "expected", self.max_model_len)
+        dists = self.token_distribution([requests[i] for i in scorable], self.digit_ids, None)
+        scores: list[float | None] = [None] * len(requests)
+        for i, dist in zip(scorable, dists, strict=True):
+            scores[i] = _digit_expectation(dist)
+        return scores
+
     def _judge(self, requests: list[list[dict[str, str]]], lora) -> list[float | None]:
         from vllm import SamplingParams
 
         if self.cfg.reward_mode == "expected":
             return [
-                expected_score({str(d): math.log(p) for d, p in enumerate(dist) if p > 0})
+                _digit_expectation(dist)
                 for dist in self.token_distribution(requests, self.digit_ids, lora)
             ]
         params = SamplingParams(temperature=0.0, max_tokens=JUDGE_TOKENS["greedy"])

@@ -176,22 +176,32 @@ class GateConfig(Section):
     enabled: bool = True
     auto_promote: bool = True  # False: a passing candidate waits for an operator's promote
     probe_prompts: Path | None = None  # JSONL; default: shared/data/probe_prompts.jsonl
-    probe_limit: int = 12
+    # Primary evidence: the frozen base model's CA score (0-5) of candidate vs live answers,
+    # paired per probe, with a bootstrap CI. 48 probes: a per-probe difference spread of 0.3
+    # gives a CI half-width of about 0.085, inside the margin (tests/test_gate_decision.py).
+    probe_limit: int = 48
     max_new_tokens: int = 128
-    # "" = the policy judges (verdict from P("A") vs P("B")); or "URL#model" of any
-    # OpenAI-compatible endpoint.
+    # pass: the CI's low end is above -score_margin (not worse by more than the margin);
+    # reject: its high end is below -score_margin; anything between is inconclusive.
+    score_margin: float = Field(0.15, gt=0)
+    # An inconclusive candidate is held for an operator (state `inconclusive`), or promoted or
+    # rejected outright; `dynalign up`'s demo promotes.
+    on_inconclusive: Literal["hold", "promote", "reject"] = "hold"
+    bootstrap_resamples: int = 2000
+    # "URL#model" of an OpenAI-compatible judge for a pairwise verdict besides the score (the
+    # paper's GPT-4.1 is one flag away); "" = none (the policy as its own pairwise judge answers
+    # by position, so it is not asked).
     judge_endpoint: str = ""
-    min_win_rate: float = 0.5  # over consistent decisions; none at all is no evidence of harm
+    min_win_rate: float = 0.5  # reject when the win rate's whole CI is below this
     max_kl: float = 0.5  # nats per token, candidate vs base, on the candidate's answers
     max_length_ratio: float = 1.5  # mean answer length, candidate / live
-    max_unparsable_rate: float = 0.5
     # Capability canary: IFEval prompt-level strict accuracy on the first N prompts, candidate
     # vs live; 0 turns it off.
     ifeval_prompts: int = 24
     max_ifeval_drop: float = 0.15
 
     def cpu_sized(self) -> GateConfig:
-        smaller = dict(probe_limit=6, max_new_tokens=48, ifeval_prompts=8)
+        smaller = dict(probe_limit=24, max_new_tokens=48, ifeval_prompts=8)
         return self.model_copy(
             update={k: v for k, v in smaller.items() if k not in self.model_fields_set}
         )

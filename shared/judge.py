@@ -369,6 +369,19 @@ def bootstrap_win_rate_ci(
     return float(low), float(high)
 
 
+def bootstrap_mean_ci(
+    values: Sequence[float], n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of per-item values (e.g. paired score differences) and its
+    percentile-bootstrap CI over items."""
+    x = np.asarray(values, dtype=float)  # [n]
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n_resamples, len(x)))].mean(axis=1)  # [R]
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(x.mean()), float(low), float(high)
+
+
 def length_controlled_win_rate(
     wins: Sequence[bool], length_x: Sequence[int], length_y: Sequence[int], ridge: float = 1e-2
 ) -> tuple[float, float]:

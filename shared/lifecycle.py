@@ -5,7 +5,8 @@
                publishing a lineage again returns the version it already has
     verdict    the gate's result for a candidate, bound to the weights it judged:
                pass → live (or await an operator when pinned / auto-promotion is off),
-               fail → rejected
+               reject → rejected, inconclusive → per gate.on_inconclusive: held as
+               `inconclusive` for an operator, promoted as a pass, or rejected
     promote    an operator makes a candidate or a previously-live version live
     rollback   live goes back to the previous live version (or --to a previously-live one)
     reject     an operator rejects a candidate
@@ -39,12 +40,13 @@ log = logging.getLogger(__name__)
 
 # The states a version may be in for each action that targets it. Anything else is refused.
 TRANSITIONS: dict[str, frozenset[AdapterState]] = {
-    "promote": frozenset({"candidate", "retired"}),
-    "promote-override": frozenset({"candidate", "retired", "rejected"}),
+    "promote": frozenset({"candidate", "inconclusive", "retired"}),
+    "promote-override": frozenset({"candidate", "inconclusive", "retired", "rejected"}),
     "rollback": frozenset({"retired"}),
-    "reject": frozenset({"candidate", "retired"}),
+    "reject": frozenset({"candidate", "inconclusive", "retired"}),
     "verdict": frozenset({"candidate"}),
 }
+OnInconclusive = Literal["hold", "promote", "reject"]
 FLAGS = {
     "pin": ("pinned", True),
     "unpin": ("pinned", False),
@@ -130,9 +132,11 @@ class Lifecycle:
         result: dict[str, Any],
         weights_sha256: str,
         auto_promote: bool,
+        on_inconclusive: OnInconclusive = "hold",
         actor: str = "gate",
     ) -> tuple[RegistryState, str]:
-        """The gate's verdict on `version`, which must hold the weights it judged."""
+        """The gate's verdict on `version`, which must hold the weights it judged; `result` is a
+        GateResult's dict (its `outcome` and `reasons` decide)."""
         if self.registry.manifest(version).weights_sha256 != weights_sha256:
             raise RegistryError(
                 f"the gate judged other weights than v{version} holds; its verdict is not recorded"
@@ -140,15 +144,25 @@ class Lifecycle:
 
         def decide(state: RegistryState) -> AuditEntry:
             _allowed("verdict", state, version)
-            if not result["passed"]:
-                action, reason = "reject", "; ".join(result["reasons"])
-            elif auto_promote and not state.pinned:
-                action, reason = "promote", "gate passed"
+            outcome, why = result["outcome"], "; ".join(result["reasons"])
+            if outcome == "inconclusive" and on_inconclusive != "promote":
+                action = "reject" if on_inconclusive == "reject" else "hold-inconclusive"
+                reason = f"gate inconclusive: {why}"
+            elif outcome == "reject":
+                action, reason = "reject", why
             else:
-                action = "await-operator"
-                reason = "gate passed; " + (
-                    "live is pinned" if state.pinned else "auto_promote is off"
+                passed = (
+                    "gate passed"
+                    if outcome == "pass"
+                    else f"gate inconclusive ({why}), taken as a pass"
                 )
+                if auto_promote and not state.pinned:
+                    action, reason = "promote", passed
+                else:
+                    action = "await-operator"
+                    reason = f"{passed}; " + (
+                        "live is pinned" if state.pinned else "auto_promote is off"
+                    )
             return AuditEntry(
                 actor=actor,
                 action=action,

@@ -40,7 +40,9 @@ MANIFEST = "manifest.json"
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 
-AdapterState = Literal["candidate", "live", "rejected", "retired"]
+# inconclusive: the gate could not tell whether the candidate is worse (gate.on_inconclusive
+# = hold); it waits for an operator's promote or reject.
+AdapterState = Literal["candidate", "inconclusive", "live", "rejected", "retired"]
 
 
 class Manifest(BaseModel):
@@ -264,6 +266,8 @@ def apply_entry(state: RegistryState, entry: AuditEntry) -> None:
         state.live = entry.to_version
     elif entry.action == "reject":
         state.states[entry.to_version] = "rejected"
+    elif entry.action == "hold-inconclusive":
+        state.states[entry.to_version] = "inconclusive"
     elif entry.action in ("pin", "unpin"):
         state.pinned = entry.action == "pin"
     elif entry.action in ("pause-learning", "resume-learning"):

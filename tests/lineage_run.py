@@ -18,10 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 GATES = {
     "reject": {"max_kl": -1.0},
     "pass": {
-        "min_win_rate": 0.0,
+        "score_margin": 1e9,
         "max_kl": 1e9,
         "max_length_ratio": 1e9,
-        "max_unparsable_rate": 1.0,
     },
 }
 

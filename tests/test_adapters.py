@@ -287,8 +287,11 @@ def test_gate_rejects_an_exploding_candidate_and_accepts_a_sound_one(tmp_path, t
     state = json_result(out.stdout)
     assert state["versions"] == [1, 2]
     assert state["live"] == 1 and state["states"]["1"] == "live"
-    assert state["gate"]["1"]["passed"] is True
+    # An essentially unchanged candidate: its answers score as live's, within the margin.
+    unchanged = state["gate"]["1"]
+    assert unchanged["outcome"] == "pass", unchanged
+    assert -unchanged["score_margin"] < unchanged["score_diff_ci"][0] <= unchanged["score_diff"]
     assert 0 <= state["gate"]["1"]["ifeval_candidate"] <= 1  # the IFEval canary ran
-    assert state["states"]["2"] == "rejected"
+    assert state["states"]["2"] == "rejected" and state["gate"]["2"]["outcome"] == "reject"
     reasons = state["gate"]["2"]["reasons"]
     assert any("KL to base" in r for r in reasons), reasons

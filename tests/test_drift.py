@@ -170,9 +170,12 @@ def test_an_explicit_reference_replaces_the_first_rollouts():
 
 
 def test_record_functions_export_per_version_and_skip_what_was_not_measured():
-    drift.record_gate_result(4001, win_rate=0.625, probe_kl=0.03, ifeval_accuracy=0.71)
-    drift.record_gate_result(4002, win_rate=None, probe_kl=0.9)
+    drift.record_gate_result(
+        4001, score_diff=0.2, probe_kl=0.03, win_rate=0.625, ifeval_accuracy=0.71
+    )
+    drift.record_gate_result(4002, score_diff=-0.1, probe_kl=0.9)
     assert gauge("dynalign_learner_gate_win_ratio", "4001") == 0.625
+    assert gauge("dynalign_learner_gate_score_diff", "4002") == -0.1
     assert gauge("dynalign_learner_probe_kl_nats", "4001") == 0.03
     assert gauge("dynalign_learner_ifeval_canary_accuracy_ratio", "4001") == 0.71
     assert gauge("dynalign_learner_gate_win_ratio", "4002") is None

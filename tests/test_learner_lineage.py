@@ -114,7 +114,7 @@ def test_a_fresh_workdir_publishes_new_versions_and_never_promotes_an_old_one(
     state = json_result(out.stdout)
     assert state["states"] == {"1": "rejected", "2": "retired", "3": "live"}
     assert state["lineage"]["3"] == f"{state['run_id']}/step-00000001"
-    assert "1" not in state["gate"] and state["gate"]["3"]["passed"] is True
+    assert "1" not in state["gate"] and state["gate"]["3"]["outcome"] == "pass"
     assert Registry(store).manifest(3).parent_version == 2  # it started from live
 
 
@@ -130,6 +130,6 @@ def test_a_crash_between_publish_and_verdict_is_repaired(tmp_path, tiny_model, s
     out, weights = learner_run(tiny_model, tmp_path / "learner", store, steps=0, gate="reject")
     assert out.returncode == 0, out.stderr[-3000:]
     state = json_result(out.stdout)
-    assert state["states"]["3"] == "rejected" and state["gate"]["3"]["passed"] is False
+    assert state["states"]["3"] == "rejected" and state["gate"]["3"]["outcome"] == "reject"
     assert state["live"] == 2 and state["parent_version"] == 2
     assert_same_weights(weights, store / "v2")

@@ -34,8 +34,9 @@ def registry(lifecycle):
     return lifecycle.registry
 
 
-PASSED = {"passed": True, "reasons": []}
-FAILED = {"passed": False, "reasons": ["KL 9 > 0.5"]}
+PASSED = {"outcome": "pass", "reasons": []}
+FAILED = {"outcome": "reject", "reasons": ["KL 9 > 0.5"]}
+UNSURE = {"outcome": "inconclusive", "reasons": ["score -0.1 (95% CI -0.3..+0.1)"]}
 
 
 def sha(registry, version):
@@ -95,6 +96,7 @@ STATES = {
     "live": lambda lc: lc.promote(1, "x"),
     "retired": lambda lc: (lc.promote(1, "x"), lc.promote(2, "x")),
     "rejected": lambda lc: lc.reject(1, "x", "bad"),
+    "inconclusive": lambda lc: lc.record_verdict(1, UNSURE, sha(lc.registry, 1), True, "hold"),
 }
 ACTIONS = {
     "promote": lambda lc: lc.promote(1, "op"),
@@ -103,6 +105,7 @@ ACTIONS = {
     "reject": lambda lc: lc.reject(1, "op", "no"),
     "verdict pass": lambda lc: lc.record_verdict(1, PASSED, sha(lc.registry, 1), True),
     "verdict fail": lambda lc: lc.record_verdict(1, FAILED, sha(lc.registry, 1), True),
+    "verdict unsure": lambda lc: lc.record_verdict(1, UNSURE, sha(lc.registry, 1), True, "hold"),
 }
 EXPECTED = {  # (action, state of v1 before) -> state of v1 after, or the refusal's words
     ("promote", "candidate"): "live",
@@ -129,6 +132,18 @@ EXPECTED = {  # (action, state of v1 before) -> state of v1 after, or the refusa
     ("verdict fail", "live"): "already live",
     ("verdict fail", "retired"): "it is retired",
     ("verdict fail", "rejected"): "it is rejected",
+    ("verdict unsure", "candidate"): "inconclusive",
+    ("verdict unsure", "live"): "already live",
+    ("verdict unsure", "retired"): "it is retired",
+    ("verdict unsure", "rejected"): "it is rejected",
+    # Held for an operator: promoted or rejected by one, never judged again.
+    ("promote", "inconclusive"): "live",
+    ("promote-override", "inconclusive"): "live",
+    ("rollback --to", "inconclusive"): "it is inconclusive",
+    ("reject", "inconclusive"): "rejected",
+    ("verdict pass", "inconclusive"): "it is inconclusive",
+    ("verdict fail", "inconclusive"): "it is inconclusive",
+    ("verdict unsure", "inconclusive"): "it is inconclusive",
 }
 
 
@@ -136,7 +151,7 @@ EXPECTED = {  # (action, state of v1 before) -> state of v1 after, or the refusa
 def test_every_transition_is_allowed_or_refused_by_the_one_table(lifecycle, action, before):
     STATES[before](lifecycle)
     expected = EXPECTED[(action, before)]
-    if expected in ("live", "rejected", "retired", "candidate"):
+    if expected in ("live", "rejected", "retired", "candidate", "inconclusive"):
         ACTIONS[action](lifecycle)
         assert lifecycle.state().states.get(1, "candidate") == expected
     else:
@@ -179,6 +194,32 @@ def test_gate_results_promote_reject_or_wait(lifecycle, registry):
     state, action = lifecycle.record_verdict(3, PASSED, sha(registry, 3), auto_promote=True)
     assert action == "await-operator" and state.live == 1 and state.gate_results[3] == PASSED
     assert registry.audit_log()[-1].reason == "gate passed; live is pinned"
+
+
+@pytest.mark.parametrize(
+    "policy, action, state",
+    [
+        ("hold", "hold-inconclusive", "inconclusive"),
+        ("reject", "reject", "rejected"),
+        ("promote", "promote", "live"),
+    ],
+)
+def test_an_inconclusive_verdict_follows_gate_on_inconclusive(
+    lifecycle, registry, policy, action, state
+):
+    after, taken = lifecycle.record_verdict(1, UNSURE, sha(registry, 1), True, policy)
+    assert taken == action and after.states[1] == state
+    assert "inconclusive" in registry.audit_log()[-1].reason
+    assert Registry(registry.root).read_state() == after  # replayed from the audit log alike
+
+
+def test_a_held_version_waits_for_an_operator(lifecycle, registry):
+    lifecycle.record_verdict(1, UNSURE, sha(registry, 1), True, "hold")
+    with pytest.raises(RegistryError, match="cannot verdict"):  # judged once, not again
+        lifecycle.record_verdict(1, PASSED, sha(registry, 1), True)
+    assert lifecycle.promote(1, "ops").live == 1
+    lifecycle.record_verdict(2, UNSURE, sha(registry, 2), True, "hold")
+    assert lifecycle.reject(2, "ops", "not convinced").states[2] == "rejected"
 
 
 def test_a_garbled_state_file_is_rebuilt_from_the_audit_log(lifecycle, registry):

@@ -308,8 +308,8 @@ from learner import drift
 drift.MONITOR = drift.DriftMonitor(reference_size=32, window_size=32, min_observations=16)
 # Measured by the gate, switched off here to keep the test short: its exported series, with
 # made-up values.
-drift.record_gate_result(1, win_rate=0.6, probe_kl=0.05, ifeval_accuracy=0.7)
-drift.record_gate_result(2, win_rate=0.4, probe_kl=0.08, ifeval_accuracy=0.6)
+drift.record_gate_result(1, score_diff=0.1, probe_kl=0.05, ifeval_accuracy=0.7)
+drift.record_gate_result(2, score_diff=-0.2, probe_kl=0.08, ifeval_accuracy=0.6)
 from dynalign.cli import main
 sys.argv = ["dynalign", "learn", *sys.argv[1:]]
 main()
