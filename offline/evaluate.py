@@ -1,4 +1,9 @@
-"""`dynalign eval pairwise` and `dynalign eval ifeval`: the paper's evaluation (Section 3.1).
+"""`dynalign eval score | pairwise | ifeval`: the paper's evaluation (Section 3.1), with CIs.
+
+score: responses from two targets on held-out prompts, each scored 0-5 by a frozen judge with
+the paper's reward prompt (the probability-weighted mean over the digits when the judge returns
+log-probs), paired per prompt: the mean difference with a bootstrap CI. The judge is the same
+for every version (e.g. `dynalign@base`), never the version being measured.
 
 pairwise: responses from two targets on held-out prompts, each pair judged in both orders by a
 CA judge (shared/judge.py), a win only when both orders agree; the per-item record goes to
@@ -23,6 +28,7 @@ from pydantic import BaseModel, Field
 from rich.console import Console
 from rich.table import Table
 
+from learner.reward import expected_score, parse_score, reward_prompt
 from shared import ifeval as ifeval_lib
 from shared.files import read_jsonl
 from shared.judge import (
@@ -32,7 +38,10 @@ from shared.judge import (
     Outcome,
     PairwiseSummary,
     Sampling,
+    bootstrap_mean_ci,
+    chat,
     collect_responses,
+    completion_text,
     default_base_url,
     judge_items,
     parse_target,
@@ -145,6 +154,124 @@ async def run_pairwise(
     return report
 
 
+class ScoreSettings(BaseModel):
+    a: Endpoint  # the difference is A - B
+    b: Endpoint
+    judge: Endpoint
+    response_sampling: Sampling = Field(
+        default_factory=lambda: Sampling(temperature=0.0, max_tokens=1024)
+    )
+    concurrency: int = 8
+    n_resamples: int = 2000
+    seed: int = 0
+
+
+class ScoreItem(BaseModel):
+    index: int
+    prompt: str
+    response_a: str
+    response_b: str
+    score_a: float | None  # None: the judge's reply held no score
+    score_b: float | None
+
+
+class ScoreReport(BaseModel):
+    a: str
+    b: str
+    judge: str
+    prompts: int
+    scored: int  # prompts where both responses got a score
+    mean_a: float | None
+    mean_b: float | None
+    diff: float | None  # mean over scored prompts of score_a - score_b
+    ci_low: float | None
+    ci_high: float | None
+    a_higher: int
+    b_higher: int
+    words_ratio: float  # mean response length, A / B
+    confidence: float = 0.95
+
+
+async def judge_score(client: openai.AsyncOpenAI, judge: str, prompt: str, response: str):
+    """The judge's 0-5 CA score of one response: expected over the digits among the first
+    token's top-20 log-probs (digits outside them count 0), else the score in its text."""
+    completion = await chat(
+        client,
+        judge,
+        [{"role": "user", "content": reward_prompt(prompt, response)}],
+        temperature=0.0,
+        max_completion_tokens=8,
+        logprobs=True,
+        top_logprobs=20,
+    )
+    logprobs = completion.choices[0].logprobs
+    if logprobs and logprobs.content:
+        score = expected_score({t.token: t.logprob for t in logprobs.content[0].top_logprobs})
+        if score is not None:
+            return score
+    return parse_score(completion_text(completion))
+
+
+async def run_score(settings: ScoreSettings, prompts: list[str], out_dir: Path) -> ScoreReport:
+    responses_a, responses_b = await asyncio.gather(
+        *(
+            collect_responses(endpoint, prompts, settings.response_sampling, settings.concurrency)
+            for endpoint in (settings.a, settings.b)
+        )
+    )
+    gate = asyncio.Semaphore(settings.concurrency)
+    async with settings.judge.client() as client:
+
+        async def one(prompt: str, response: str) -> float | None:
+            async with gate:
+                return await judge_score(client, settings.judge.model, prompt, response)
+
+        scores = await asyncio.gather(
+            *(one(p, r) for p, r in zip(prompts * 2, responses_a + responses_b, strict=True))
+        )
+    items = [
+        ScoreItem(index=i, prompt=p, response_a=x, response_b=y, score_a=sx, score_b=sy)
+        for i, (p, x, y, sx, sy) in enumerate(
+            zip(
+                prompts,
+                responses_a,
+                responses_b,
+                scores[: len(prompts)],
+                scores[len(prompts) :],
+                strict=True,
+            )
+        )
+    ]
+    pairs = [
+        (i.score_a, i.score_b) for i in items if i.score_a is not None and i.score_b is not None
+    ]
+    diff = low = high = None
+    if pairs:
+        diff, low, high = bootstrap_mean_ci(
+            [x - y for x, y in pairs], settings.n_resamples, settings.seed
+        )
+    words = [sum(len(r.split()) for r in rs) for rs in (responses_a, responses_b)]
+    report = ScoreReport(
+        a=_describe(settings.a),
+        b=_describe(settings.b),
+        judge=_describe(settings.judge),
+        prompts=len(prompts),
+        scored=len(pairs),
+        mean_a=sum(x for x, _ in pairs) / len(pairs) if pairs else None,
+        mean_b=sum(y for _, y in pairs) / len(pairs) if pairs else None,
+        diff=diff,
+        ci_low=low,
+        ci_high=high,
+        a_higher=sum(x > y for x, y in pairs),
+        b_higher=sum(y > x for x, y in pairs),
+        words_ratio=words[0] / max(1, words[1]),
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "items.jsonl").write_text("".join(item.model_dump_json() + "\n" for item in items))
+    (out_dir / "summary.json").write_text(report.model_dump_json(indent=2) + "\n")
+    return report
+
+
 class IFEvalReport(BaseModel):
     target: str
     limit: int | None
@@ -180,6 +307,27 @@ def pairwise_table(report: PairwiseReport) -> Table:
         f"{int(100 * s.confidence)}% bootstrap CI", f"{_rate(s.ci_low)} - {_rate(s.ci_high)}"
     )
     table.add_row("length-controlled win rate", _rate(s.lc_win_rate))
+    return table
+
+
+def _points(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.3f}"
+
+
+def score_table(report: ScoreReport) -> Table:
+    table = Table(title=f"CA score: A = {report.a}  vs  B = {report.b}  (judge {report.judge})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("prompts (scored)", f"{report.prompts} ({report.scored})")
+    for name, value in (("mean score A", report.mean_a), ("mean score B", report.mean_b)):
+        table.add_row(name, "-" if value is None else f"{value:.3f}")
+    table.add_row("A - B", _points(report.diff))
+    table.add_row(
+        f"{int(100 * report.confidence)}% bootstrap CI",
+        f"{_points(report.ci_low)} .. {_points(report.ci_high)}",
+    )
+    table.add_row("A higher / B higher", f"{report.a_higher} / {report.b_higher}")
+    table.add_row("length A / B (words)", f"{report.words_ratio:.2f}")
     return table
 
 
@@ -263,6 +411,46 @@ def pairwise(
         print(report.model_dump_json(indent=2))
     else:
         console.print(pairwise_table(report))
+
+
+@eval_app.command()
+def score(
+    a: Annotated[str, typer.Option("--a", help="Target A (e.g. dynalign@v3).")],
+    prompts: Annotated[
+        Path, typer.Option(help="Held-out prompts: JSONL with `prompt`, or text lines.")
+    ],
+    b: Annotated[str, typer.Option("--b", help="Target B, the baseline.")] = "dynalign@base",
+    judge: Annotated[
+        str, typer.Option(help="The frozen judge: `name` or `URL#model`.")
+    ] = "dynalign@base",
+    out: Annotated[Path, typer.Option(help="Directory for items.jsonl and summary.json.")] = Path(
+        "runs/eval/score"
+    ),
+    limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Token limit for the targets' responses.")] = 1024,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight per endpoint.")] = 8,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    base_url: BaseUrlOption = None,
+    api_key: ApiKeyOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """A's and B's greedy answers scored 0-5 by a frozen judge, paired: A - B with a CI."""
+    url = base_url or default_base_url()
+    settings = ScoreSettings(
+        a=parse_target(a, url, api_key),
+        b=parse_target(b, url, api_key),
+        judge=parse_target(judge, url, api_key),
+        response_sampling=Sampling(temperature=0.0, max_tokens=max_tokens),
+        concurrency=concurrency,
+        n_resamples=resamples,
+        seed=seed,
+    )
+    report = _run(run_score(settings, read_prompts(prompts, limit), out))
+    if json_output:
+        print(report.model_dump_json(indent=2))
+    else:
+        console.print(score_table(report))
 
 
 @eval_app.command()
