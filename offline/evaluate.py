@@ -354,6 +354,10 @@ ApiKeyOption = Annotated[
     str | None, typer.Option(envvar="OPENAI_API_KEY", help="API key for every endpoint.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+ConcurrencyOption = Annotated[int, typer.Option(help="Requests in flight per endpoint.")]
+ResamplesOption = Annotated[int, typer.Option(help="Bootstrap resamples.")]
+SeedOption = Annotated[int, typer.Option(help="Bootstrap seed.")]
+AnswerTokensOption = Annotated[int, typer.Option(help="Token limit for the targets' responses.")]
 
 
 @eval_app.command()
@@ -379,13 +383,13 @@ def pairwise(
     temperature: Annotated[
         float, typer.Option(help="Temperature for the targets' responses.")
     ] = 0.0,
-    max_tokens: Annotated[int, typer.Option(help="Token limit for the targets' responses.")] = 1024,
+    max_tokens: AnswerTokensOption = 1024,
     system_prompt: Annotated[
         str | None, typer.Option(help="System prompt for both targets.")
     ] = None,
-    concurrency: Annotated[int, typer.Option(help="Requests in flight per endpoint.")] = 8,
-    resamples: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
-    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    concurrency: ConcurrencyOption = 8,
+    resamples: ResamplesOption = 2000,
+    seed: SeedOption = 0,
     base_url: BaseUrlOption = None,
     api_key: ApiKeyOption = None,
     json_output: JsonOption = False,
@@ -427,10 +431,10 @@ def score(
         "runs/eval/score"
     ),
     limit: Annotated[int | None, typer.Option(help="Only the first N prompts.")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Token limit for the targets' responses.")] = 1024,
-    concurrency: Annotated[int, typer.Option(help="Requests in flight per endpoint.")] = 8,
-    resamples: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
-    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    max_tokens: AnswerTokensOption = 1024,
+    concurrency: ConcurrencyOption = 8,
+    resamples: ResamplesOption = 2000,
+    seed: SeedOption = 0,
     base_url: BaseUrlOption = None,
     api_key: ApiKeyOption = None,
     json_output: JsonOption = False,
