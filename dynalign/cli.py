@@ -4,7 +4,8 @@ dynalign up      broker (embedded unless --kafka) + server + learner on one mach
 dynalign serve   the OpenAI-compatible chat server
 dynalign learn   the self-rewarding GRPO learner
 dynalign datagen the paper's task-prompt generation
-dynalign eval    pairwise CA judgement | IFEval
+dynalign eval    frozen-judge score | pairwise CA judgement | IFEval
+dynalign experiment  the paper's protocol on the running loop, with CIs
 dynalign adapters list | show | diff | promote | rollback | pin | unpin
                  | pause-learning | resume-learning
 """
@@ -29,10 +30,12 @@ from dynalign.adapters_cli import adapters_app
 from dynalign.settings import config_or_exit
 from offline.datagen import datagen_command
 from offline.evaluate import eval_app
+from offline.experiment import experiment_command
 from shared.config import DynalignConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.command("datagen")(datagen_command)
+app.command("experiment")(experiment_command)
 app.add_typer(eval_app, name="eval", help="Pairwise CA judgement and IFEval.")
 app.add_typer(adapters_app, name="adapters", help="List, promote, roll back, pin adapters.")
 console = Console()
