@@ -14,7 +14,7 @@ mode (--reward-mode).
             system prompt (kept in its loss), and a reward function that scores with the
             trainer's own model: "expected" = one forward pass over the batch reading the
             probabilities of "0".."5" at the answer position (renormalised, weighted mean);
-            "greedy" = HF greedy generate of up to 8 tokens, parsed by learner.reward.parse_score.
+            "greedy" = HF greedy generate of up to 8 tokens, parsed by shared.reward.parse_score.
             Step time from on_step_begin to on_step_end; generation and reward time by wrapping
             GRPOTrainer._generate_single_turn and ._calculate_rewards; the rest is the update.
 
@@ -161,7 +161,7 @@ def judge_scores(model, tokenizer, requests: list, mode: str, digit_ids: list[in
     from transformers import GenerationConfig
 
     from learner.grpo import prompt_ids
-    from learner.reward import expected_score, parse_score
+    from shared.reward import expected_score, parse_score
 
     ids = [prompt_ids(tokenizer, r) for r in requests]
     width = max(map(len, ids))

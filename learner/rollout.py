@@ -17,9 +17,9 @@ from typing import Any
 
 from learner.consumer import Unusable
 from learner.grpo import prompt_ids, rollout_messages
-from learner.reward import expected_score, parse_score, reward_prompt
 from shared.chat import content_text
 from shared.config import LearnerConfig, ModelConfig
+from shared.reward import expected_score, parse_score, reward_prompt
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ from pydantic import BaseModel, Field
 from rich.console import Console
 from rich.table import Table
 
-from learner.reward import expected_score, parse_score, reward_prompt
 from shared import ifeval as ifeval_lib
 from shared.files import read_jsonl
 from shared.judge import (
@@ -47,6 +46,7 @@ from shared.judge import (
     parse_target,
     summarize_pairwise,
 )
+from shared.reward import expected_score, parse_score, reward_prompt
 
 T = TypeVar("T")
 eval_app = typer.Typer(

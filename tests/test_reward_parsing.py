@@ -1,4 +1,4 @@
-"""learner/reward.py: reading a score 0-5 out of the judge's reply."""
+"""shared/reward.py: reading a score 0-5 out of the judge's reply."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from learner.reward import expected_score, parse_score, reward_prompt
 from shared.prompts import REWARD_PROMPT
+from shared.reward import expected_score, parse_score, reward_prompt
 
 
 @pytest.mark.parametrize(
