@@ -1,10 +1,10 @@
 """The reward's pure parts: the judge prompt, and turning a judge's reply into a score 0-5.
 
-The learner's judge is the policy itself (paper, Table 5); evaluation's is a frozen model. Two readings
-(LearnerConfig.reward_mode): "greedy" parses the generated text with `parse_score`; "expected"
-takes the probability-weighted mean digit from the top-k log-probs of the score token with
-`expected_score`. None means unparsable: the candidate gets no advantage and stays out of its
-group's statistics.
+The learner's judge is the policy itself (paper, Table 5); evaluation's is a frozen model.
+Two readings (LearnerConfig.reward_mode): "greedy" parses the generated text with
+`parse_score`; "expected" takes the probability-weighted mean digit from the top-k log-probs of
+the score token with `expected_score`. None means unparsable: the candidate gets no advantage
+and stays out of its group's statistics.
 """
 
 from __future__ import annotations
