@@ -114,6 +114,7 @@ async def run_pairwise(
             for endpoint in (settings.a, settings.b)
         )
     )
+    responses_a, responses_b = [r.text for r in responses_a], [r.text for r in responses_b]
     judged = await judge_items(
         settings.judge,
         list(zip(prompts, responses_a, responses_b, strict=True)),
@@ -189,6 +190,8 @@ class ScoreReport(BaseModel):
     a_higher: int
     b_higher: int
     words_ratio: float  # mean response length, A / B
+    truncated_a: float  # share of A's responses cut by the token limit
+    truncated_b: float
     confidence: float = 0.95
 
 
@@ -219,6 +222,8 @@ async def run_score(settings: ScoreSettings, prompts: list[str], out_dir: Path) 
             for endpoint in (settings.a, settings.b)
         )
     )
+    truncated = [sum(r.truncated for r in rs) / len(rs) for rs in (responses_a, responses_b)]
+    responses_a, responses_b = [r.text for r in responses_a], [r.text for r in responses_b]
     gate = asyncio.Semaphore(settings.concurrency)
     async with settings.judge.client() as client:
 
@@ -265,6 +270,8 @@ async def run_score(settings: ScoreSettings, prompts: list[str], out_dir: Path) 
         a_higher=sum(x > y for x, y in pairs),
         b_higher=sum(y > x for x, y in pairs),
         words_ratio=words[0] / max(1, words[1]),
+        truncated_a=truncated[0],
+        truncated_b=truncated[1],
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "items.jsonl").write_text("".join(item.model_dump_json() + "\n" for item in items))
@@ -328,6 +335,9 @@ def score_table(report: ScoreReport) -> Table:
     )
     table.add_row("A higher / B higher", f"{report.a_higher} / {report.b_higher}")
     table.add_row("length A / B (words)", f"{report.words_ratio:.2f}")
+    table.add_row(
+        "cut by the token limit A / B", f"{report.truncated_a:.0%} / {report.truncated_b:.0%}"
+    )
     return table
 
 

@@ -73,6 +73,7 @@ class VersionResult(BaseModel):
     ifeval_strict_ci: tuple[float, float]
     ifeval_loose: float
     length_ratio: float | None  # answer words, version / base
+    truncated_share: float | None = None  # held-out answers cut by the token limit
     kl_to_base: float | None  # the gate's, on its probe prompts
     self_vs_frozen_gap: float | None  # self_reward - score: a reward-hacking signal
 
@@ -261,6 +262,7 @@ def evaluate_version(
         ifeval_strict_ci=ife.strict_ci,
         ifeval_loose=ife.loose,
         length_ratio=score_report.words_ratio if score_report else None,
+        truncated_share=score_report.truncated_a if score_report else None,
         kl_to_base=gate.get("kl"),
         self_vs_frozen_gap=self_reward - score
         if self_reward is not None and score is not None
@@ -338,8 +340,8 @@ def write_report(report: ExperimentReport, out: Path) -> None:
         f"{report.ifeval_prompts} prompts. Traffic: {report.traffic}. 95% bootstrap CIs.",
         "",
         "| version | steps | score vs base | win rate vs base | inconsistent | IFEval strict "
-        "| length ratio | KL to base | self - frozen |",
-        "| --- | --: | --: | --: | --: | --: | --: | --: | --: |",
+        "| length ratio | truncated | KL to base | self - frozen |",
+        "| --- | --: | --: | --: | --: | --: | --: | --: | --: | --: |",
     ]
     for name, r in zip(names, rows, strict=True):
         lines.append(
@@ -347,7 +349,8 @@ def write_report(report: ExperimentReport, out: Path) -> None:
             f"| {cell(r.win_rate, r.win_rate_ci, '{:.2f}')} "
             f"| {cell(r.inconsistent_share, fmt='{:.0%}')} "
             f"| {cell(r.ifeval_strict, r.ifeval_strict_ci, '{:.3f}')} "
-            f"| {cell(r.length_ratio, fmt='{:.2f}')} | {cell(r.kl_to_base, fmt='{:.4f}')} "
+            f"| {cell(r.length_ratio, fmt='{:.2f}')} | {cell(r.truncated_share, fmt='{:.0%}')} "
+            f"| {cell(r.kl_to_base, fmt='{:.4f}')} "
             f"| {cell(r.self_vs_frozen_gap)} |"
         )
     (out / "summary.md").write_text("\n".join(lines) + "\n")
@@ -425,6 +428,9 @@ def experiment_command(
                 )
             )
             progress.advance(task)
+    if len(rows) > 1:  # the base's answers are B in every version's score report
+        first = out / "experiment" / f"v{rows[1].version}" / "score.json"
+        rows[0].truncated_share = ScoreReport.model_validate_json(first.read_text()).truncated_b
     report = ExperimentReport(
         base_url=url,
         judge=judge,

@@ -193,7 +193,8 @@ async def run_ifeval(
     responses = await collect_responses(
         endpoint, prompts, sampling, concurrency, system_prompt=system_prompt
     )
-    return evaluate_responses(examples, dict(zip(prompts, responses, strict=True)))
+    texts = [r.text for r in responses]
+    return evaluate_responses(examples, dict(zip(prompts, texts, strict=True)))
 
 
 def read_responses(path: Path) -> dict[str, str]:

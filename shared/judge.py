@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Sequence
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import openai
@@ -132,23 +132,29 @@ def completion_text(completion: ChatCompletion) -> str:
     return (completion.choices[0].message.content or "").strip()
 
 
+class Response(NamedTuple):
+    text: str
+    truncated: bool  # cut by the token limit (finish_reason "length")
+
+
 async def collect_responses(
     endpoint: Endpoint,
     prompts: Sequence[str],
     sampling: Sampling,
     concurrency: int = 8,
     system_prompt: str | None = None,
-) -> list[str]:
+) -> list[Response]:
     """One response per prompt from `endpoint`, in order."""
     gate = asyncio.Semaphore(concurrency)
     prefix = [{"role": "system", "content": system_prompt}] if system_prompt else []
     async with endpoint.client() as client:
 
-        async def one(prompt: str) -> str:
+        async def one(prompt: str) -> Response:
             async with gate:
                 messages = prefix + [{"role": "user", "content": prompt}]
                 completion = await chat(client, endpoint.model, messages, **sampling.as_params())
-                return completion_text(completion)
+                truncated = completion.choices[0].finish_reason == "length"
+                return Response(completion_text(completion), truncated)
 
         return list(await asyncio.gather(*(one(p) for p in prompts)))
 

@@ -26,6 +26,7 @@ class ScriptedReply:
     text: str
     # Candidates at the first answer position, as (token, logprob); sent when logprobs=True.
     top_logprobs: list[tuple[str, float]] | None = None
+    finish_reason: str = "stop"  # "length": cut by the token limit
 
 
 Responder = Callable[[dict[str, Any]], "str | ScriptedReply"]
@@ -123,7 +124,7 @@ def _completion(request: dict[str, Any], reply: ScriptedReply) -> dict[str, Any]
         "choices": [
             {
                 "index": 0,
-                "finish_reason": "stop",
+                "finish_reason": reply.finish_reason,
                 "message": {"role": "assistant", "content": reply.text},
                 "logprobs": logprobs,
             }

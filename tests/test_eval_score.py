@@ -16,7 +16,8 @@ def _script(request: dict) -> str | ScriptedReply:
     text = last_user_message(request)
     if request["model"] in ("aligned", "base"):
         kind = "An uplifting plan" if request["model"] == "aligned" else "A plan"
-        return f"{kind} for: {text}"
+        cut = request["model"] == "base" and text.endswith(("0", "1"))  # 2 of 7 hit the limit
+        return ScriptedReply(f"{kind} for: {text}", finish_reason="length" if cut else "stop")
     assert request["model"] == "judge" and request["logprobs"] and request["top_logprobs"] == 20
     if "silent" in text:  # a judge reply without log-probs or digits: no score
         return "I cannot say."
@@ -49,3 +50,4 @@ def test_score_differences_are_paired_and_unscored_prompts_left_out(tmp_path: Pa
     assert items[-1]["score_a"] is None and items[-1]["score_b"] is None
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["diff"] == report.diff and summary["words_ratio"] > 1
+    assert (report.truncated_a, report.truncated_b) == (0, 2 / 7)

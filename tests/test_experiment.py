@@ -128,10 +128,12 @@ def test_experiment_reports_every_promoted_version_against_base(tmp_path, tiny_m
     assert report["traffic"]["learner_steps"] >= 2 and report["heldout_prompts"] == 4
     base, *versions = report["versions"]
     assert base["version"] is None and versions, report  # at least one version went live
+    assert 0 <= base["truncated_share"] <= 1
     fields = set(VersionResult.model_fields)
     for row in versions:
         assert set(row) == fields and row["version"] > 0 and row["steps"] >= 1
         assert 0 <= row["ifeval_strict"] <= 1 and row["length_ratio"] > 0
+        assert 0 <= row["truncated_share"] <= 1
         assert row["kl_to_base"] is not None and row["inconsistent_share"] is not None
         # A random tiny model puts no digit among its top log-probs: a judge that cannot score
         # leaves the score empty, never made up; a scored one lies inside its CI.
