@@ -36,6 +36,7 @@ from shared.judge import (
     JudgeSettings,
     Outcome,
     PairwiseSummary,
+    Response,
     Sampling,
     bootstrap_mean_ci,
     chat,
@@ -99,20 +100,35 @@ def read_prompts(path: Path, limit: int | None = None) -> list[str]:
     return prompts[:limit] if limit is not None else prompts
 
 
-async def run_pairwise(
-    settings: PairwiseSettings, prompts: list[str], out_dir: Path
-) -> PairwiseReport:
-    responses_a, responses_b = await asyncio.gather(
-        *(
-            collect_responses(
-                endpoint,
-                prompts,
-                settings.response_sampling,
-                settings.concurrency,
-                settings.system_prompt,
+async def _both_responses(
+    settings: PairwiseSettings | ScoreSettings, prompts: list[str], system_prompt: str | None = None
+) -> list[list[Response]]:
+    return list(
+        await asyncio.gather(
+            *(
+                collect_responses(
+                    endpoint,
+                    prompts,
+                    settings.response_sampling,
+                    settings.concurrency,
+                    system_prompt,
+                )
+                for endpoint in (settings.a, settings.b)
             )
-            for endpoint in (settings.a, settings.b)
         )
+    )
+
+
+async def run_pairwise(
+    settings: PairwiseSettings,
+    prompts: list[str],
+    out_dir: Path,
+    responses: list[list[Response]] | None = None,
+) -> PairwiseReport:
+    """`responses`: A's and B's answers when the caller has them already (greedy answers are
+    the same for every evaluation of a target)."""
+    responses_a, responses_b = responses or await _both_responses(
+        settings, prompts, settings.system_prompt
     )
     responses_a, responses_b = [r.text for r in responses_a], [r.text for r in responses_b]
     judged = await judge_items(
@@ -215,13 +231,14 @@ async def judge_score(client: openai.AsyncOpenAI, judge: str, prompt: str, respo
     return parse_score(completion_text(completion))
 
 
-async def run_score(settings: ScoreSettings, prompts: list[str], out_dir: Path) -> ScoreReport:
-    responses_a, responses_b = await asyncio.gather(
-        *(
-            collect_responses(endpoint, prompts, settings.response_sampling, settings.concurrency)
-            for endpoint in (settings.a, settings.b)
-        )
-    )
+async def run_score(
+    settings: ScoreSettings,
+    prompts: list[str],
+    out_dir: Path,
+    responses: list[list[Response]] | None = None,
+) -> ScoreReport:
+    """`responses` as in run_pairwise."""
+    responses_a, responses_b = responses or await _both_responses(settings, prompts)
     truncated = [sum(r.truncated for r in rs) / len(rs) for rs in (responses_a, responses_b)]
     responses_a, responses_b = [r.text for r in responses_a], [r.text for r in responses_b]
     gate = asyncio.Semaphore(settings.concurrency)

@@ -3,7 +3,8 @@
     traffic     simulated users send the train prompts through the OpenAI endpoint with the
                 official client, as real users (logged: server -> Kafka -> learner -> registry
                 -> hot swap), a few prompts ahead of the learner, until the budget is spent;
-    evaluation  every version promoted on the way, and the base, answer the held-out prompts;
+    evaluation  the base and the versions promoted on the way (at most --max-versions, evenly
+                spaced, the last always) answer the held-out prompts;
                 per version against base: the frozen judge's paired score difference, the
                 pairwise consistent win rate (both orders), IFEval prompt-level accuracy, all
                 with bootstrap 95% CIs; plus the gate's KL to base, the answer-length ratio and
@@ -48,8 +49,10 @@ from shared.config import load_config
 from shared.judge import (
     Endpoint,
     JudgeSettings,
+    Response,
     Sampling,
     bootstrap_mean_ci,
+    collect_responses,
     default_base_url,
     parse_target,
 )
@@ -78,13 +81,25 @@ class VersionResult(BaseModel):
     self_vs_frozen_gap: float | None  # self_reward - score: a reward-hacking signal
 
 
+class GateRecord(BaseModel):
+    """The gate's verdict on a promoted version: the frozen judge's paired score of candidate
+    minus the version live before it, on the gate's probe prompts."""
+
+    version: int
+    outcome: str | None
+    score_diff: float | None
+    score_diff_ci: tuple[float | None, float | None]
+    score_margin: float | None
+
+
 class ExperimentReport(BaseModel):
     base_url: str
     judge: str
     heldout_prompts: int
     ifeval_prompts: int
     traffic: dict[str, Any]
-    versions: list[VersionResult]
+    promoted: list[GateRecord]  # every version that went live, in order
+    versions: list[VersionResult]  # base and up to --max-versions of them, evaluated
 
 
 def learner_counter(metrics_url: str, name: str) -> float:
@@ -163,6 +178,15 @@ def promoted_versions(registry: Registry) -> list[int]:
     return [v for v in seen if v is not None]
 
 
+def spread(versions: list[int], most: int) -> list[int]:
+    """At most `most` of `versions`, evenly spaced from the last back to the first: a CPU run
+    can promote a version every few steps, and evaluating each would outlast training."""
+    if len(versions) <= most:
+        return versions
+    picks = np.linspace(len(versions) - 1, 0, most).round().astype(int)
+    return [versions[i] for i in sorted(set(picks))]
+
+
 def _cached(path: Path, model: type[BaseModel], compute) -> Any:
     if path.exists():
         return model.model_validate_json(path.read_text())
@@ -179,6 +203,22 @@ class IFEvalSummary(BaseModel):
     per_prompt_strict: list[bool]
 
 
+class HeldoutAnswers(BaseModel):
+    answers: list[Response]
+
+
+def heldout_answers(target: Endpoint, heldout: list[str], sampling: Sampling, out: Path):
+    """A target's greedy answers to the held-out prompts: asked once, for both the score and
+    the pairwise comparison, and kept for a resumed run."""
+    return _cached(
+        out,
+        HeldoutAnswers,
+        lambda: HeldoutAnswers(
+            answers=asyncio.run(collect_responses(target, heldout, sampling, concurrency=16))
+        ),
+    ).answers
+
+
 def evaluate_version(
     version: int | None,
     registry: Registry,
@@ -193,6 +233,10 @@ def evaluate_version(
     name = "base" if version is None else f"v{version}"
     target = endpoint.model_copy(update={"model": f"dynalign@{name}"})
     base = endpoint.model_copy(update={"model": "dynalign@base"})
+    answers = [
+        heldout_answers(t, heldout, sampling, out / n / "heldout-answers.json")
+        for t, n in ((target, name), (base, "base"))
+    ]
 
     def ifeval() -> IFEvalSummary:
         result, items = asyncio.run(ifeval_lib.run_ifeval(target, ifeval_examples, sampling))
@@ -225,6 +269,7 @@ def evaluate_version(
                     ),
                     heldout,
                     out / name / "score",
+                    answers,
                 )
             ),
         )
@@ -242,6 +287,7 @@ def evaluate_version(
                     ),
                     heldout,
                     out / name / "pairwise",
+                    answers,
                 )
             ),
         )
@@ -353,6 +399,16 @@ def write_report(report: ExperimentReport, out: Path) -> None:
             f"| {cell(r.kl_to_base, fmt='{:.4f}')} "
             f"| {cell(r.self_vs_frozen_gap)} |"
         )
+    if report.promoted:
+        lines += [
+            "",
+            f"Gate verdicts on the {len(report.promoted)} promoted versions (frozen judge, "
+            "candidate - the live version before it, on the probe prompts):",
+            ", ".join(
+                f"v{g.version} {cell(g.score_diff, g.score_diff_ci, '{:+.2f}')} {g.outcome}"
+                for g in report.promoted
+            ),
+        ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
@@ -360,8 +416,13 @@ def experiment_command(
     out: Annotated[Path, typer.Option(help="Directory for the results (a rerun resumes).")] = Path(
         "bench/results"
     ),
-    budget_steps: Annotated[int, typer.Option(help="Learner steps of traffic.")] = 30,
-    budget_minutes: Annotated[float, typer.Option(help="... or at most this long.")] = 90.0,
+    budget_steps: Annotated[int, typer.Option(help="Learner steps of traffic.")] = 40,
+    budget_minutes: Annotated[
+        float, typer.Option(help="... or at most this long (evaluation comes after).")
+    ] = 50.0,
+    max_versions: Annotated[
+        int, typer.Option(help="Promoted versions evaluated: evenly spaced, the last always.")
+    ] = 4,
     train_prompts: Annotated[Path | None, typer.Option(help="Default: the shipped set.")] = None,
     heldout_prompts: Annotated[Path | None, typer.Option(help="Default: the shipped 100.")] = None,
     heldout_limit: Annotated[int | None, typer.Option(help="Only the first N.")] = None,
@@ -409,7 +470,19 @@ def experiment_command(
     endpoint = parse_target("dynalign@base", url, key)
     judge_endpoint = parse_target(judge, url, key)
     sampling = Sampling(temperature=0.0, max_tokens=max_tokens)
-    versions: list[int | None] = [None, *promoted_versions(registry)]
+    promoted = promoted_versions(registry)
+    verdicts = registry.read_state().gate_results
+    gates = [
+        GateRecord(
+            version=v,
+            outcome=verdicts.get(v, {}).get("outcome"),
+            score_diff=verdicts.get(v, {}).get("score_diff"),
+            score_diff_ci=tuple(verdicts.get(v, {}).get("score_diff_ci") or (None, None)),
+            score_margin=verdicts.get(v, {}).get("score_margin"),
+        )
+        for v in promoted
+    ]
+    versions: list[int | None] = [None, *spread(promoted, max_versions)]
     rows = []
     with Progress(console=console) as progress:
         task = progress.add_task("evaluating versions", total=len(versions))
@@ -437,6 +510,7 @@ def experiment_command(
         heldout_prompts=len(heldout),
         ifeval_prompts=len(examples),
         traffic=traffic,
+        promoted=gates,
         versions=rows,
     )
     write_report(report, out)

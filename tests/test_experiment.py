@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from offline.evaluate import read_prompts
-from offline.experiment import VersionResult
+from offline.experiment import VersionResult, spread
 from shared.config import KafkaConfig
 from shared.kafka import EmbeddedBroker, ensure_topics, free_port
 from tests.conftest import API_KEY, REPO, read_records, start_server
@@ -22,7 +22,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.timeout(1500)
-def test_experiment_reports_every_promoted_version_against_base(tmp_path, tiny_model):
+def test_spread_keeps_the_first_and_last_versions_evenly_spaced():
+    assert spread([1, 2, 3], 4) == [1, 2, 3]
+    assert spread(list(range(1, 16)), 4) == [1, 6, 10, 15]
+    assert spread([3, 7], 1) == [7]
+
+
+def test_experiment_reports_promoted_versions_against_base(tmp_path, tiny_model):
     metrics_port = free_port()
     shared_env = {
         "DYNALIGN_REGISTRY__STORE": str(tmp_path / "adapters"),
@@ -91,6 +97,8 @@ def test_experiment_reports_every_promoted_version_against_base(tmp_path, tiny_m
                     "8",
                     "--resamples",
                     "50",
+                    "--max-versions",
+                    "1",
                     "--users",
                     "2",
                     "--ahead",
@@ -129,6 +137,10 @@ def test_experiment_reports_every_promoted_version_against_base(tmp_path, tiny_m
     base, *versions = report["versions"]
     assert base["version"] is None and versions, report  # at least one version went live
     assert 0 <= base["truncated_share"] <= 1
+    # Every promoted version with the gate's verdict; only the last one evaluated (--max-versions).
+    promoted = report["promoted"]
+    assert len(promoted) >= 2 and all(g["outcome"] == "pass" for g in promoted), promoted
+    assert [row["version"] for row in versions] == [promoted[-1]["version"]]
     fields = set(VersionResult.model_fields)
     for row in versions:
         assert set(row) == fields and row["version"] > 0 and row["steps"] >= 1
@@ -145,6 +157,7 @@ def test_experiment_reports_every_promoted_version_against_base(tmp_path, tiny_m
     assert Image.open(out / "report.png").format == "PNG"
     summary = (out / "summary.md").read_text()
     assert "| base |" in summary and f"| v{versions[-1]['version']} |" in summary
+    assert f"Gate verdicts on the {len(promoted)} promoted versions" in summary
     # The traffic was logged; the held-out evaluation never was.
     asked = {r["messages"][-1]["content"] for r in logged}
     train, held = (
