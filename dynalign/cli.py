@@ -336,14 +336,14 @@ def up(
 
 
 def learner_settings(cfg: DynalignConfig, single_user: bool = False) -> DynalignConfig:
-    """The paper's settings on a GPU; CPU-sized ones (unless set explicitly) without one.
-    Prints both sets so nobody mistakes a CPU demo for the paper's configuration."""
+    """The profile's settings on a GPU; CPU-sized ones (unless set explicitly) without one.
+    Prints them beside the paper's so nobody mistakes a run for the paper's configuration."""
     from rich.table import Table
 
     from shared.config import LearnerConfig
     from shared.engine import has_gpu
 
-    paper = LearnerConfig()
+    paper = LearnerConfig(profile="paper")
     chosen = cfg.learner if has_gpu() else cfg.learner.cpu_sized()
     if not has_gpu():
         cfg.gate = cfg.gate.cpu_sized()
@@ -360,7 +360,7 @@ def learner_settings(cfg: DynalignConfig, single_user: bool = False) -> Dynalign
             "keeps it at 0.25 so no one user can steer the model[/yellow]"
         )
     table = Table(title="learner settings" + ("" if has_gpu() else " (no GPU: CPU-sized)"))
-    for column in ("setting", "paper (GPU default)", "this run"):
+    for column in ("setting", "paper (Section 3.1)", "this run"):
         table.add_column(column)
     for name in LearnerConfig.model_fields:
         a, b = getattr(paper, name), getattr(chosen, name)

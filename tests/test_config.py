@@ -56,3 +56,13 @@ def test_flags_are_validated_not_merged_blindly():
     with pytest.raises(ValueError, match="reward_mode"):
         load_config(learner={"reward_mode": "expectd"})
     assert load_config(learner={"reward_mode": "greedy"}).learner.reward_mode == "greedy"
+
+
+def test_the_lora_profile_is_the_default_and_the_paper_profile_keeps_section_3_1():
+    from shared.config import LORA_PROFILE, LearnerConfig
+
+    assert LearnerConfig().lr == LORA_PROFILE["lr"] != 5e-6
+    paper = LearnerConfig(profile="paper")
+    assert (paper.lr, paper.batch_completions, paper.group_size) == (5e-6, 32, 8)
+    assert (paper.clip_eps, paper.kl_beta, paper.temperature, paper.top_p) == (0.2, 0.04, 1.0, 1.0)
+    assert LearnerConfig(lr=1e-5).lr == 1e-5  # what the user sets wins over the profile
