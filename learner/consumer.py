@@ -129,6 +129,34 @@ class PromptFilter:
 
 
 # -- Kafka --------------------------------------------------------------------------------------
+def start_offset(partition: str, wanted: int, first: int, end: int) -> int:
+    """Where reading a partition resumes, given the offset the checkpoint (or the group) holds
+    and the records the topic holds now, [first, end). Never silently skips or repeats:
+    - ahead of the end: the topic was recreated (an in-memory broker restarted, or deleted and
+      made again), so every record in it is new to this learner: start at its beginning;
+    - behind its start: retention deleted records before they were read: start at the first
+      one still there, and count the lost ones as skipped ("expired_unread").
+    An offset within [first, end] is used as it is."""
+    if wanted > end:
+        log.warning(
+            "%s: checkpointed offset %d is past the topic's end %d; the topic was recreated, "
+            "so all of its %d records are new: reading from %d",
+            partition, wanted, end, end - first, first,
+        )  # fmt: skip
+        metrics.OFFSET_RESETS.labels("ahead_of_end").inc()
+        return first
+    if wanted < first:
+        log.warning(
+            "%s: checkpointed offset %d is before the topic's first record %d (retention "
+            "deleted %d records before they were read): reading from %d",
+            partition, wanted, first, first - wanted, first,
+        )  # fmt: skip
+        metrics.OFFSET_RESETS.labels("behind_start").inc()
+        metrics.RECORDS_SKIPPED.labels("expired_unread").inc(first - wanted)
+        return first
+    return wanted
+
+
 def _key(tp_or_message) -> str:
     return f"{tp_or_message.topic}:{tp_or_message.partition}"
 
@@ -180,7 +208,7 @@ class KafkaPromptSource:
     def _assign_new_partitions(self) -> None:
         """Assign every partition of the topic, new ones too (partitions can be added). A
         partition starts at the checkpoint's offset; without one, at the group's committed offset
-        or else the beginning (kafka-python's own choice for an assigned partition)."""
+        or else the beginning; either is checked against what the topic holds (start_offset)."""
         partitions = {
             TopicPartition(self.topic, p) for p in self.consumer.partitions_for_topic(self.topic)
         }
@@ -188,9 +216,12 @@ class KafkaPromptSource:
         if not new:
             return
         self.consumer.assign(sorted(partitions))
+        first = self.consumer.beginning_offsets(list(new))
+        end = self.consumer.end_offsets(list(new))
         for tp in new:
-            if _key(tp) in self.start_offsets:
-                self.consumer.seek(tp, self.start_offsets[_key(tp)])
+            wanted = self.start_offsets.get(_key(tp), self.consumer.committed(tp))
+            if wanted is not None:
+                self.consumer.seek(tp, start_offset(_key(tp), wanted, first[tp], end[tp]))
 
     def _messages(self):
         while True:

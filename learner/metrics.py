@@ -12,6 +12,11 @@ RECORDS_SKIPPED = Counter(
     "Readable records not used for training, by reason.",
     ["reason"],
 )
+OFFSET_RESETS = Counter(
+    "dynalign_learner_offset_resets_total",
+    "Partitions whose resume offset the topic no longer held (learner.consumer.start_offset).",
+    ["direction"],
+)
 RECORDS_DEAD_LETTERED = Counter(
     "dynalign_learner_records_dead_lettered_total",
     "Unreadable records sent to the dead-letter topic.",

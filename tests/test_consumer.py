@@ -196,3 +196,19 @@ def test_partitions_that_appear_later_are_read():
             assert len(src.consumer.assignment()) == 3
         finally:
             src.close()
+
+
+# -- offsets the topic no longer holds (issue 13) ------------------------------------------------
+def test_a_checkpoint_past_the_end_of_a_recreated_topic_reads_every_new_record(cfg):
+    """The checkpoint read 3 records of the topic's earlier life (an in-memory broker since
+    restarted); the new topic holds 2, both new: both are read, the reset is counted."""
+    resets = metrics.OFFSET_RESETS.labels("ahead_of_end")._value.get()
+    produce(cfg, ("a", "after-restart-1"), ("b", "after-restart-2"))
+    src = source(cfg, start_offsets={f"{cfg.kafka.interactions_topic}:0": 3})
+    try:
+        batch = src.next_batch(2, max_idle_polls=20)
+        assert batch is not None and texts(batch.prompts) == ["after-restart-1", "after-restart-2"]
+        assert batch.next_offsets == {f"{cfg.kafka.interactions_topic}:0": 2}
+    finally:
+        src.close()
+    assert metrics.OFFSET_RESETS.labels("ahead_of_end")._value.get() == resets + 1

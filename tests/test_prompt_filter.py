@@ -1,9 +1,16 @@
-"""Turning interaction records into training prompts: pure logic and the tiny model's tokenizer,
-no engine, no broker."""
+"""Turning interaction records into training prompts, and where reading resumes: pure logic and
+the tiny model's tokenizer, no engine, no broker."""
 
 import pytest
 
-from learner.consumer import PromptFilter, TrainingPrompt, Unusable, training_messages
+from learner import metrics
+from learner.consumer import (
+    PromptFilter,
+    TrainingPrompt,
+    Unusable,
+    start_offset,
+    training_messages,
+)
 from shared.config import LearnerConfig
 
 
@@ -160,3 +167,19 @@ def test_a_judge_request_that_outgrew_its_budget_is_left_unscored(tokenizer):
     short, long = judge_request(messages, "Lisbon."), judge_request(messages, words(50))
     room = len(prompt_ids(tokenizer, short)) + 1  # the judge's one token (expected mode)
     assert judgeable(tokenizer, [short, long, short], "expected", room) == [0, 2]
+
+
+def test_a_resume_offset_the_topic_no_longer_holds_follows_the_stated_rule(caplog):
+    ahead = metrics.OFFSET_RESETS.labels("ahead_of_end")._value.get()
+    behind = metrics.OFFSET_RESETS.labels("behind_start")._value.get()
+    expired = metrics.RECORDS_SKIPPED.labels("expired_unread")._value.get()
+    assert start_offset("t:0", 5, first=2, end=9) == 5  # held: used as it is
+    assert start_offset("t:0", 9, first=2, end=9) == 9  # at the end: the next record
+    # Past the end: the topic was recreated, everything in it is new.
+    assert start_offset("t:0", 12, first=0, end=4) == 0
+    # Before the first record: retention deleted 3 unread records; they are counted.
+    assert start_offset("t:1", 4, first=7, end=10) == 7
+    assert metrics.OFFSET_RESETS.labels("ahead_of_end")._value.get() == ahead + 1
+    assert metrics.OFFSET_RESETS.labels("behind_start")._value.get() == behind + 1
+    assert metrics.RECORDS_SKIPPED.labels("expired_unread")._value.get() == expired + 3
+    assert "topic was recreated" in caplog.text and "retention deleted 3" in caplog.text
