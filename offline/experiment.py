@@ -22,6 +22,8 @@ import asyncio
 import itertools
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -56,6 +58,7 @@ from shared.judge import (
     default_base_url,
     parse_target,
 )
+from shared.lifecycle import Lifecycle
 from shared.registry import Registry
 
 console = Console()
@@ -185,6 +188,21 @@ def spread(versions: list[int], most: int) -> list[int]:
         return versions
     picks = np.linspace(len(versions) - 1, 0, most).round().astype(int)
     return [versions[i] for i in sorted(set(picks))]
+
+
+@contextmanager
+def learning_paused(lifecycle: Lifecycle) -> Iterator[None]:
+    """The learner waits while versions are evaluated: its steps would take the CPU the
+    evaluation needs. Paused and resumed as an operator would (audited); a pause an operator
+    set before stays."""
+    mine = not lifecycle.state().learning_paused
+    if mine:
+        lifecycle.set_flag("pause-learning", "experiment", "held-out evaluation")
+    try:
+        yield
+    finally:
+        if mine:
+            lifecycle.set_flag("resume-learning", "experiment", "held-out evaluation done")
 
 
 def _cached(path: Path, model: type[BaseModel], compute) -> Any:
@@ -419,10 +437,10 @@ def experiment_command(
     budget_steps: Annotated[int, typer.Option(help="Learner steps of traffic.")] = 40,
     budget_minutes: Annotated[
         float, typer.Option(help="... or at most this long (evaluation comes after).")
-    ] = 50.0,
+    ] = 45.0,
     max_versions: Annotated[
         int, typer.Option(help="Promoted versions evaluated: evenly spaced, the last always.")
-    ] = 4,
+    ] = 3,
     train_prompts: Annotated[Path | None, typer.Option(help="Default: the shipped set.")] = None,
     heldout_prompts: Annotated[Path | None, typer.Option(help="Default: the shipped 100.")] = None,
     heldout_limit: Annotated[int | None, typer.Option(help="Only the first N.")] = None,
@@ -431,7 +449,7 @@ def experiment_command(
         str, typer.Option(help="Frozen judge: `name` or `URL#model`.")
     ] = "dynalign@base",
     users: Annotated[int, typer.Option(help="Simulated users.")] = 4,
-    ahead: Annotated[int, typer.Option(help="Prompts sent beyond the learner's reading.")] = 16,
+    ahead: Annotated[int, typer.Option(help="Prompts sent beyond the learner's reading.")] = 4,
     max_tokens: Annotated[int, typer.Option(help="Answer token limit.")] = 256,
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
     skip_traffic: Annotated[
@@ -470,37 +488,38 @@ def experiment_command(
     endpoint = parse_target("dynalign@base", url, key)
     judge_endpoint = parse_target(judge, url, key)
     sampling = Sampling(temperature=0.0, max_tokens=max_tokens)
-    promoted = promoted_versions(registry)
-    verdicts = registry.read_state().gate_results
-    gates = [
-        GateRecord(
-            version=v,
-            outcome=verdicts.get(v, {}).get("outcome"),
-            score_diff=verdicts.get(v, {}).get("score_diff"),
-            score_diff_ci=tuple(verdicts.get(v, {}).get("score_diff_ci") or (None, None)),
-            score_margin=verdicts.get(v, {}).get("score_margin"),
-        )
-        for v in promoted
-    ]
-    versions: list[int | None] = [None, *spread(promoted, max_versions)]
-    rows = []
-    with Progress(console=console) as progress:
-        task = progress.add_task("evaluating versions", total=len(versions))
-        for version in versions:
-            rows.append(
-                evaluate_version(
-                    version,
-                    registry,
-                    out / "experiment",
-                    endpoint,
-                    judge_endpoint,
-                    heldout,
-                    examples,
-                    sampling,
-                    resamples,
-                )
+    with learning_paused(Lifecycle(registry)):
+        promoted = promoted_versions(registry)
+        verdicts = registry.read_state().gate_results
+        gates = [
+            GateRecord(
+                version=v,
+                outcome=verdicts.get(v, {}).get("outcome"),
+                score_diff=verdicts.get(v, {}).get("score_diff"),
+                score_diff_ci=tuple(verdicts.get(v, {}).get("score_diff_ci") or (None, None)),
+                score_margin=verdicts.get(v, {}).get("score_margin"),
             )
-            progress.advance(task)
+            for v in promoted
+        ]
+        versions: list[int | None] = [None, *spread(promoted, max_versions)]
+        rows = []
+        with Progress(console=console) as progress:
+            task = progress.add_task("evaluating versions", total=len(versions))
+            for version in versions:
+                rows.append(
+                    evaluate_version(
+                        version,
+                        registry,
+                        out / "experiment",
+                        endpoint,
+                        judge_endpoint,
+                        heldout,
+                        examples,
+                        sampling,
+                        resamples,
+                    )
+                )
+                progress.advance(task)
     if len(rows) > 1:  # the base's answers are B in every version's score report
         first = out / "experiment" / f"v{rows[1].version}" / "score.json"
         rows[0].truncated_share = ScoreReport.model_validate_json(first.read_text()).truncated_b

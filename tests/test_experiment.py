@@ -16,6 +16,7 @@ from offline.evaluate import read_prompts
 from offline.experiment import VersionResult, spread
 from shared.config import KafkaConfig
 from shared.kafka import EmbeddedBroker, ensure_topics, free_port
+from shared.registry import Registry
 from tests.conftest import API_KEY, REPO, read_records, start_server
 
 pytestmark = pytest.mark.slow
@@ -158,6 +159,12 @@ def test_experiment_reports_promoted_versions_against_base(tmp_path, tiny_model)
     summary = (out / "summary.md").read_text()
     assert "| base |" in summary and f"| v{versions[-1]['version']} |" in summary
     assert f"Gate verdicts on the {len(promoted)} promoted versions" in summary
+    # The learner was paused for the evaluation and resumed after it, audited.
+    audit = Registry(tmp_path / "adapters").audit_log()
+    assert [(e.actor, e.action) for e in audit if e.actor == "experiment"] == [
+        ("experiment", "pause-learning"),
+        ("experiment", "resume-learning"),
+    ]
     # The traffic was logged; the held-out evaluation never was.
     asked = {r["messages"][-1]["content"] for r in logged}
     train, held = (
