@@ -27,6 +27,7 @@ import typer
 from rich.console import Console
 
 from dynalign.adapters_cli import adapters_app
+from dynalign.log_cli import log_app
 from dynalign.settings import config_or_exit
 from offline.datagen import datagen_command
 from offline.evaluate import eval_app
@@ -38,6 +39,7 @@ app.command("datagen")(datagen_command)
 app.command("experiment")(experiment_command)
 app.add_typer(eval_app, name="eval", help="Pairwise CA judgement and IFEval.")
 app.add_typer(adapters_app, name="adapters", help="List, promote, roll back, pin adapters.")
+app.add_typer(log_app, name="log", help="Export the interaction log.")
 console = Console()
 log = logging.getLogger("dynalign")
 

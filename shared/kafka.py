@@ -9,12 +9,15 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from shared.config import KafkaConfig
@@ -184,3 +187,75 @@ __all__ = [
     "producer",
     "topic_specs",
 ]
+
+
+Bound = int | datetime  # an offset (in every partition) or a time (the record's Kafka timestamp)
+
+
+def read_range(
+    bootstrap: str,
+    topic: str,
+    start: Bound | None = None,
+    end: Bound | None = None,
+    idle_timeout_s: float = 30.0,
+) -> Iterator[ConsumerRecord]:
+    """The records of `topic` in [start, end), partition by partition in offset order, up to
+    the topic's end when called. A time bound is checked on each record: the broker's
+    offsets-for-times answer only chooses where reading starts (Tansu answers 0 for any time,
+    which is slower but still right). Reads with no consumer group, so no one's committed
+    offsets move; `idle_timeout_s` without a record while some are due raises TimeoutError."""
+    reader = consumer(bootstrap, None)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic))]
+        first, last = reader.beginning_offsets(partitions), reader.end_offsets(partitions)
+        hints = (
+            reader.offsets_for_times({tp: _ms(start) for tp in partitions})
+            if isinstance(start, datetime)
+            else {}
+        )
+        begins, stops = {}, {}
+        for tp in partitions:
+            begin = first[tp]
+            if isinstance(start, int):
+                begin = max(begin, start)
+            elif hints.get(tp) is not None:
+                begin = max(begin, hints[tp].offset)
+            stop = min(last[tp], end) if isinstance(end, int) else last[tp]
+            if begin < stop:
+                begins[tp], stops[tp] = begin, stop
+        reader.assign(list(stops))
+        for tp, begin in begins.items():
+            reader.seek(tp, begin)
+        idle_since = time.monotonic()
+        while stops:
+            batches = reader.poll(timeout_ms=500)
+            if not batches and time.monotonic() - idle_since > idle_timeout_s:
+                raise TimeoutError(f"{topic}: no records for {idle_timeout_s}s, {stops} due")
+            for tp, messages in batches.items():
+                idle_since = time.monotonic()
+                for message in messages:
+                    if tp in stops and message.offset < stops[tp] and _within(message, start, end):
+                        yield message
+                if tp in stops and reader.position(tp) >= stops[tp]:
+                    del stops[tp]
+                    reader.pause(tp)
+    finally:
+        reader.close()
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def _within(message: ConsumerRecord, start: Bound | None, end: Bound | None) -> bool:
+    after = not isinstance(start, datetime) or message.timestamp >= _ms(start)
+    before = not isinstance(end, datetime) or message.timestamp < _ms(end)
+    return after and before
+
+
+def parse_bound(text: str) -> Bound:
+    """An offset ("120") or an ISO time ("2026-12-03T10:00", UTC unless it says otherwise)."""
+    if text.isdigit():
+        return int(text)
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
