@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from dynalign.settings import config_or_exit
-from shared.kafka import Bound, parse_bound, read_range
+from shared.kafka import Bound, parse_bound, range_offsets, read_range
 
 log_app = typer.Typer(no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -54,7 +54,8 @@ def export(
     sink = out.open("w") if out else sys.stdout
     count = 0
     try:
-        for message in read_range(cfg.kafka.bootstrap, name, start, end):
+        begin, stop = range_offsets(cfg.kafka.bootstrap, name, start, end)
+        for message in read_range(cfg.kafka.bootstrap, name, begin, stop):
             try:
                 record = json.loads(message.value)
             except ValueError:  # a garbled record is exported as it is, not dropped

@@ -189,55 +189,75 @@ __all__ = [
 ]
 
 
-Bound = int | datetime  # an offset (in every partition) or a time (the record's Kafka timestamp)
+Bound = int | datetime  # an offset (in every partition) or a time
+
+
+def range_offsets(
+    bootstrap: str, topic: str, start: Bound | None, end: Bound | None
+) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+    """[start, end) of `topic` as offsets per partition: where reading begins, where it stops.
+    A time means Kafka's offsets-for-times: the first record stamped at or after it."""
+    reader = consumer(bootstrap, None)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic))]
+        first, last = reader.beginning_offsets(partitions), reader.end_offsets(partitions)
+
+        def at(bound: Bound | None, default: dict[TopicPartition, int]) -> dict:
+            if bound is None:
+                return default
+            if isinstance(bound, int):
+                return {tp: min(max(bound, first[tp]), last[tp]) for tp in partitions}
+            # The broker's answer is where to look from, not the answer: Tansu indexes the time
+            # it appended a record (and answers 0 for later times), which is never earlier in
+            # the log than the first record stamped at or after `bound`.
+            answer = reader.offsets_for_times({tp: _ms(bound) for tp in partitions})
+            hint = {
+                tp: last[tp] if a is None else max(a.offset, first[tp]) for tp, a in answer.items()
+            }
+            found: dict[TopicPartition, int] = {}
+            for message in read_range(bootstrap, topic, hint, last):
+                tp = TopicPartition(topic, message.partition)
+                if tp not in found and message.timestamp >= _ms(bound):
+                    found[tp] = message.offset
+                    if len(found) == len(partitions):
+                        break
+            return {tp: found.get(tp, last[tp]) for tp in partitions}
+
+        begin = at(start, first)
+        stop = {tp: max(offset, begin[tp]) for tp, offset in at(end, last).items()}
+    finally:
+        reader.close()
+    return begin, stop
 
 
 def read_range(
     bootstrap: str,
     topic: str,
-    start: Bound | None = None,
-    end: Bound | None = None,
+    begin: dict[TopicPartition, int],
+    stop: dict[TopicPartition, int],
     idle_timeout_s: float = 30.0,
 ) -> Iterator[ConsumerRecord]:
-    """The records of `topic` in [start, end), partition by partition in offset order, up to
-    the topic's end when called. A time bound is checked on each record: the broker's
-    offsets-for-times answer only chooses where reading starts (Tansu answers 0 for any time,
-    which is slower but still right). Reads with no consumer group, so no one's committed
-    offsets move; `idle_timeout_s` without a record while some are due raises TimeoutError."""
+    """The records at offsets [begin, stop) of each partition, in offset order per partition.
+    No consumer group: no one's committed offsets move. `idle_timeout_s` without a record while
+    some are due raises TimeoutError."""
+    due = {tp: s for tp, s in stop.items() if begin.get(tp, s) < s}
+    if not due:
+        return
     reader = consumer(bootstrap, None)
     try:
-        partitions = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic))]
-        first, last = reader.beginning_offsets(partitions), reader.end_offsets(partitions)
-        hints = (
-            reader.offsets_for_times({tp: _ms(start) for tp in partitions})
-            if isinstance(start, datetime)
-            else {}
-        )
-        begins, stops = {}, {}
-        for tp in partitions:
-            begin = first[tp]
-            if isinstance(start, int):
-                begin = max(begin, start)
-            elif hints.get(tp) is not None:
-                begin = max(begin, hints[tp].offset)
-            stop = min(last[tp], end) if isinstance(end, int) else last[tp]
-            if begin < stop:
-                begins[tp], stops[tp] = begin, stop
-        reader.assign(list(stops))
-        for tp, begin in begins.items():
-            reader.seek(tp, begin)
+        reader.assign(list(due))
+        for tp in due:
+            reader.seek(tp, begin[tp])
         idle_since = time.monotonic()
-        while stops:
+        while due:
             batches = reader.poll(timeout_ms=500)
             if not batches and time.monotonic() - idle_since > idle_timeout_s:
-                raise TimeoutError(f"{topic}: no records for {idle_timeout_s}s, {stops} due")
+                raise TimeoutError(f"{topic}: nothing read for {idle_timeout_s}s; due: {due}")
             for tp, messages in batches.items():
                 idle_since = time.monotonic()
-                for message in messages:
-                    if tp in stops and message.offset < stops[tp] and _within(message, start, end):
-                        yield message
-                if tp in stops and reader.position(tp) >= stops[tp]:
-                    del stops[tp]
+                yield from (m for m in messages if tp in due and m.offset < due[tp])
+                if tp in due and reader.position(tp) >= due[tp]:
+                    del due[tp]
                     reader.pause(tp)
     finally:
         reader.close()
@@ -245,12 +265,6 @@ def read_range(
 
 def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
-
-
-def _within(message: ConsumerRecord, start: Bound | None, end: Bound | None) -> bool:
-    after = not isinstance(start, datetime) or message.timestamp >= _ms(start)
-    before = not isinstance(end, datetime) or message.timestamp < _ms(end)
-    return after and before
 
 
 def parse_bound(text: str) -> Bound:
