@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -372,6 +373,24 @@ def learner_settings(cfg: DynalignConfig, single_user: bool = False) -> Dynalign
     return cfg
 
 
+LEARNER_WORKDIR = Path("runs/learner")
+
+
+def _replay_bounds(text: str):
+    from shared.kafka import parse_bound
+
+    start, dots, end = text.partition("..")
+    try:
+        if not dots:
+            raise ValueError("FROM..TO expected")
+        return (parse_bound(start) if start else None, parse_bound(end) if end else None)
+    except ValueError as exc:
+        raise typer.BadParameter(
+            f"{text!r}: {exc}; e.g. 120..480 or 2026-12-01T09:00..2026-12-01T18:00",
+            param_hint="--replay",
+        ) from None
+
+
 @app.command()
 def learn(
     config: ConfigOpt = None,
@@ -387,13 +406,22 @@ def learn(
         int | None,
         typer.Option("--max-steps", help="Stop after this many steps (total, across restarts)."),
     ] = None,
-    workdir: Annotated[Path, typer.Option(help="Checkpoints and scratch.")] = Path("runs/learner"),
+    workdir: Annotated[Path, typer.Option(help="Checkpoints and scratch.")] = LEARNER_WORKDIR,
     reward_mode: Annotated[str | None, typer.Option(help="greedy | expected")] = None,
     engine_arg: EngineArgOpt = None,
+    replay: Annotated[
+        str | None,
+        typer.Option(
+            "--replay",
+            help="FROM..TO: train on a past range of the log (offsets or ISO times; either "
+            "side may be empty), in its own consumer group and workdir, then stop.",
+        ),
+    ] = None,
     single_user: Annotated[bool, typer.Option(hidden=True)] = False,
 ) -> None:
     """Consume interactions, self-score G rollouts per prompt, GRPO-update the LoRA adapter,
     and publish a candidate adapter version every K steps."""
+    span_bounds = _replay_bounds(replay) if replay else None
     cfg = config_or_exit(
         config,
         model={"path": model},
@@ -409,16 +437,33 @@ def learn(
     cfg = learner_settings(cfg, single_user)
     if prompts is None and not cfg.kafka.bootstrap:
         raise typer.BadParameter("learn needs --kafka or --prompts", param_hint="--kafka")
+    if replay:
+        if prompts is not None:
+            raise typer.BadParameter(
+                "--replay reads the log, --prompts a file", param_hint="--replay"
+            )
+        # Its own group and checkpoints: the live learner's offsets and workdir stay untouched.
+        cfg.learner.consumer_group += "-replay"
+        if workdir == LEARNER_WORKDIR:
+            workdir = Path("runs") / ("replay-" + re.sub(r"[^\w.-]+", "_", replay))
     lc = cfg.learner
     start_http_server(lc.metrics_port)
 
     def source(prompt_filter, offsets, deferred):
         if prompts is not None:
             return FilePromptSource(prompts, prompt_filter, offsets)
-        from shared.kafka import ensure_topics
+        from shared.kafka import ensure_topics, range_offsets
 
         ensure_topics(cfg.kafka)
-        return KafkaPromptSource(cfg, prompt_filter, offsets, deferred)
+        span = None
+        if span_bounds:
+            topic = cfg.kafka.interactions_topic
+            begin, stop = range_offsets(cfg.kafka.bootstrap, topic, *span_bounds)
+            span = tuple(
+                {f"{tp.topic}:{tp.partition}": o for tp, o in d.items()} for d in (begin, stop)
+            )
+            console.print(f"replaying {topic} offsets {span[0]} .. {span[1]} (end exclusive)")
+        return KafkaPromptSource(cfg, prompt_filter, offsets, deferred, span=span)
 
     def progress(r) -> None:
         version = f"  → candidate v{r.candidate_version}" if r.candidate_version else ""

@@ -189,8 +189,12 @@ class KafkaPromptSource:
         start_offsets: dict[str, int] | None = None,
         deferred: list[TrainingPrompt] | None = None,
         poll_timeout_s: float = 1.0,
+        span: tuple[dict[str, int], dict[str, int]] | None = None,
     ) -> None:
+        """`span`: (begin, stop) offsets per "topic:partition" to replay; the source then reads
+        only [begin, stop) and ends (next_batch returns None) once every partition is read."""
         self.cfg = cfg
+        self.span = span
         self.topic = cfg.kafka.interactions_topic
         self.filter = prompt_filter
         self.poll_timeout_ms = int(poll_timeout_s * 1000)
@@ -209,9 +213,13 @@ class KafkaPromptSource:
         """Assign every partition of the topic, new ones too (partitions can be added). A
         partition starts at the checkpoint's offset; without one, at the group's committed offset
         or else the beginning; either is checked against what the topic holds (start_offset)."""
-        partitions = {
-            TopicPartition(self.topic, p) for p in self.consumer.partitions_for_topic(self.topic)
-        }
+        if self.span:
+            partitions = {_partition(key) for key in self.span[1]}
+        else:
+            partitions = {
+                TopicPartition(self.topic, p)
+                for p in self.consumer.partitions_for_topic(self.topic)
+            }
         new = partitions - self.consumer.assignment()
         if not new:
             return
@@ -219,7 +227,8 @@ class KafkaPromptSource:
         first = self.consumer.beginning_offsets(list(new))
         end = self.consumer.end_offsets(list(new))
         for tp in new:
-            wanted = self.start_offsets.get(_key(tp), self.consumer.committed(tp))
+            committed = self.span[0][_key(tp)] if self.span else self.consumer.committed(tp)
+            wanted = self.start_offsets.get(_key(tp), committed)
             if wanted is not None:
                 self.consumer.seek(tp, start_offset(_key(tp), wanted, first[tp], end[tp]))
 
@@ -231,7 +240,16 @@ class KafkaPromptSource:
             if not batches:
                 yield None  # nothing new now: let the caller decide to wait or return
                 continue
-            self._pending = iter([m for b in batches.values() for m in b])
+            stops = self.span[1] if self.span else {}
+            self._pending = iter(
+                [m for b in batches.values() for m in b if m.offset < stops.get(_key(m), math.inf)]
+            )
+
+    def _replayed(self) -> bool:
+        """Every partition of the span read up to its stop."""
+        return bool(self.span) and all(
+            self.consumer.position(_partition(key)) >= stop for key, stop in self.span[1].items()
+        )
 
     def next_batch(self, size: int, max_idle_polls: int | None = None) -> PromptBatch | None:
         """Block until `size` prompts make a batch within the per-principal share cap, oldest
@@ -241,6 +259,8 @@ class KafkaPromptSource:
         messages = self._messages()
         while (batch := self._take(size, cap)) is None:
             message = next(messages)
+            if message is None and self._replayed():
+                return None  # the span is read; prompts short of a batch stay untrained
             if message is None:
                 idle += 1
                 if max_idle_polls is not None and idle >= max_idle_polls:
