@@ -175,11 +175,13 @@ class LearnerConfig(Section):
     def cpu_sized(self) -> LearnerConfig:
         """What a 2-core CPU can step within minutes. Only settings the user did not set are
         changed; everything else stays the paper's."""
+        # 128 new tokens: at 48 nearly every answer was cut, so reward and loss saw fragments
+        # (bench/results/lora_sweep.json). K=5: each candidate's gate takes about a minute.
         smaller = dict(
             batch_completions=16,
             micro_batch_completions=8,
-            max_new_tokens=48,
-            checkpoint_every_steps=2,
+            max_new_tokens=128,
+            checkpoint_every_steps=5,
             train_dtype="float32",
         )
         return self.model_copy(
