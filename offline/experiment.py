@@ -131,7 +131,9 @@ async def drive_traffic(
 ) -> dict[str, Any]:
     """Send the prompts round-robin as `users` simulated users, at most `ahead` prompts beyond
     what the learner has consumed (so the server does not take the CPU the learner needs),
-    until the learner has taken `budget_steps` steps or `budget_s` seconds have passed."""
+    until the learner has taken `budget_steps` steps or `budget_s` seconds have passed. The
+    learner replays each prompt G times and never sees these answers, so `max_tokens` keeps
+    them short: on a CPU they take the cores the learner steps on."""
     # A plain client: this is user traffic, to be learned from (Endpoint.client() opts out).
     client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=6)
     steps_at_start = learner_counter(metrics_url, "dynalign_learner_steps_total")
@@ -450,7 +452,10 @@ def experiment_command(
     ] = "dynalign@base",
     users: Annotated[int, typer.Option(help="Simulated users.")] = 4,
     ahead: Annotated[int, typer.Option(help="Prompts sent beyond the learner's reading.")] = 4,
-    max_tokens: Annotated[int, typer.Option(help="Answer token limit.")] = 256,
+    max_tokens: Annotated[int, typer.Option(help="Answer token limit (evaluation).")] = 256,
+    traffic_max_tokens: Annotated[
+        int, typer.Option(help="Answer token limit for the simulated users.")
+    ] = 64,
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
     skip_traffic: Annotated[
         bool, typer.Option("--skip-traffic", help="Evaluate what the registry holds now.")
@@ -478,7 +483,7 @@ def experiment_command(
                 budget_minutes * 60,
                 users,
                 ahead,
-                max_tokens,
+                traffic_max_tokens,
             )
         )
         traffic_file.write_text(json.dumps(traffic) + "\n")

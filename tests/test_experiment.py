@@ -96,6 +96,8 @@ def test_experiment_reports_promoted_versions_against_base(tmp_path, tiny_model)
                     "4",
                     "--max-tokens",
                     "8",
+                    "--traffic-max-tokens",
+                    "8",
                     "--resamples",
                     "50",
                     "--max-versions",
