@@ -227,14 +227,16 @@ class HeldoutAnswers(BaseModel):
     answers: list[Response]
 
 
-def heldout_answers(target: Endpoint, heldout: list[str], sampling: Sampling, out: Path):
+def heldout_answers(
+    target: Endpoint, heldout: list[str], sampling: Sampling, concurrency: int, out: Path
+):
     """A target's greedy answers to the held-out prompts: asked once, for both the score and
     the pairwise comparison, and kept for a resumed run."""
     return _cached(
         out,
         HeldoutAnswers,
         lambda: HeldoutAnswers(
-            answers=asyncio.run(collect_responses(target, heldout, sampling, concurrency=16))
+            answers=asyncio.run(collect_responses(target, heldout, sampling, concurrency))
         ),
     ).answers
 
@@ -249,17 +251,20 @@ def evaluate_version(
     ifeval_examples: list,
     sampling: Sampling,
     resamples: int,
+    concurrency: int,
 ) -> VersionResult:
     name = "base" if version is None else f"v{version}"
     target = endpoint.model_copy(update={"model": f"dynalign@{name}"})
     base = endpoint.model_copy(update={"model": "dynalign@base"})
     answers = [
-        heldout_answers(t, heldout, sampling, out / n / "heldout-answers.json")
+        heldout_answers(t, heldout, sampling, concurrency, out / n / "heldout-answers.json")
         for t, n in ((target, name), (base, "base"))
     ]
 
     def ifeval() -> IFEvalSummary:
-        result, items = asyncio.run(ifeval_lib.run_ifeval(target, ifeval_examples, sampling))
+        result, items = asyncio.run(
+            ifeval_lib.run_ifeval(target, ifeval_examples, sampling, concurrency)
+        )
         strict = [all(i.follow_strict) for i in items]
         _, low, high = bootstrap_mean_ci(strict, resamples)
         return IFEvalSummary(
@@ -286,6 +291,7 @@ def evaluate_version(
                         judge=judge,
                         response_sampling=sampling,
                         n_resamples=resamples,
+                        concurrency=concurrency,
                     ),
                     heldout,
                     out / name / "score",
@@ -304,6 +310,7 @@ def evaluate_version(
                         judge=JudgeSettings(endpoint=judge, use_logprobs=True),
                         response_sampling=sampling,
                         n_resamples=resamples,
+                        concurrency=concurrency,
                     ),
                     heldout,
                     out / name / "pairwise",
@@ -457,6 +464,9 @@ def experiment_command(
         int, typer.Option(help="Answer token limit for the simulated users.")
     ] = 64,
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
+    concurrency: Annotated[
+        int, typer.Option(help="Evaluation requests in flight (the learner is paused then).")
+    ] = 32,
     skip_traffic: Annotated[
         bool, typer.Option("--skip-traffic", help="Evaluate what the registry holds now.")
     ] = False,
@@ -522,6 +532,7 @@ def experiment_command(
                         examples,
                         sampling,
                         resamples,
+                        concurrency,
                     )
                 )
                 progress.advance(task)
