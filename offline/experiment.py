@@ -472,6 +472,14 @@ def experiment_command(
     ] = False,
     base_url: Annotated[str | None, typer.Option(help="Default: the dynalign server.")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="OPENAI_API_KEY")] = None,
+    judge_api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DYNALIGN_JUDGE_API_KEY",
+            help="For a `URL#model` judge (default: OPENAI_API_KEY); a judge on the dynalign "
+            "server gets --api-key.",
+        ),
+    ] = None,
 ) -> None:
     """The paper's protocol on the running loop (`dynalign up` in another terminal): train
     traffic for a budget, then every promoted version and base on held-out prompts."""
@@ -501,7 +509,7 @@ def experiment_command(
     heldout = read_prompts(heldout_prompts or Path(str(DATA / "heldout.jsonl")), heldout_limit)
     examples = ifeval_lib.load_examples(limit=ifeval_prompts)
     endpoint = parse_target("dynalign@base", url, key)
-    judge_endpoint = parse_target(judge, url, key)
+    judge_endpoint = parse_target(judge, url, judge_api_key if "#" in judge else key)
     sampling = Sampling(temperature=0.0, max_tokens=max_tokens)
     with learning_paused(Lifecycle(registry)):
         promoted = promoted_versions(registry)
