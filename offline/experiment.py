@@ -465,8 +465,12 @@ def experiment_command(
     ] = 64,
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
     concurrency: Annotated[
-        int, typer.Option(help="Evaluation requests in flight (the learner is paused then).")
-    ] = 32,
+        int | None,
+        typer.Option(
+            help="Evaluation requests in flight (the learner is paused then). Default: the "
+            "server's per-client limit, serving.max_concurrent_per_client."
+        ),
+    ] = None,
     skip_traffic: Annotated[
         bool, typer.Option("--skip-traffic", help="Evaluate what the registry holds now.")
     ] = False,
@@ -484,6 +488,7 @@ def experiment_command(
     """The paper's protocol on the running loop (`dynalign up` in another terminal): train
     traffic for a budget, then every promoted version and base on held-out prompts."""
     cfg = load_config()
+    concurrency = concurrency or cfg.serving.max_concurrent_per_client
     url = base_url or default_base_url()
     key = api_key or "EMPTY"
     registry = Registry(cfg.registry.store)
