@@ -309,6 +309,7 @@ def up(
     """Everything on one machine: a Kafka-protocol broker (embedded Tansu unless --kafka),
     the chat server on the model (default SmolLM2-135M-Instruct), metrics."""
     from serving.server import InsecureConfig, check_exposure
+    from shared.engine import cpu_thread_binding, has_gpu
     from shared.kafka import EmbeddedBroker
 
     cfg = _config(config, model, kafka, host, port, engine_arg, insecure_no_auth)
@@ -317,6 +318,8 @@ def up(
         check_exposure(cfg)  # before the broker and the learner start
     except InsecureConfig as exc:
         _refuse(exc)
+    if not has_gpu():  # both engines (the learner inherits it); see cpu_thread_binding
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding())
     with _ending_descendants() as (cleanups, _):  # uvicorn stops on the signals itself
         embedded = not cfg.kafka.bootstrap
         if embedded:

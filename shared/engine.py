@@ -64,7 +64,12 @@ def cpu_thread_binding() -> str:
     tokens, bench/results/cpu_placement.json): one engine 114 -> 164 tokens/s; both at once
     57 + 115 (one waits for the other) -> 76 + 97; one core each gives 98 + 83 but halves the
     learner's rollouts whenever the server idles, which in `up` is most of the time. On a
-    machine with several NUMA nodes `auto` (one node per engine) stays."""
+    machine with several NUMA nodes `auto` (one node per engine) stays.
+
+    Only `dynalign up` applies it (its two engines start together, before either is busy):
+    once an engine computes on every core, a third engine's worker starting beside it, pinned
+    to core 0 until it binds its threads, was seen to get no CPU for minutes. Standalone
+    engines keep vLLM's default unless the variable is set."""
     if len(glob.glob("/sys/devices/system/node/node[0-9]*")) > 1:
         return "auto"
     return ",".join(map(str, sorted(os.sched_getaffinity(0))))
@@ -99,7 +104,6 @@ def engine_kwargs(cfg: ModelConfig, max_loras: int | None = None) -> dict:
     else:
         # vLLM's CPU backend sizes its KV cache from this (GiB); 1 GiB holds our loads.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding())
     return kwargs
 
 
