@@ -310,7 +310,7 @@ def evaluate_version(
                         judge=JudgeSettings(endpoint=judge, use_logprobs=True),
                         response_sampling=sampling,
                         n_resamples=resamples,
-                        concurrency=concurrency,
+                        concurrency=max(1, concurrency // 2),  # a pair asks both orders at once
                     ),
                     heldout,
                     out / name / "pairwise",
