@@ -29,7 +29,7 @@ import torch
 
 from learner import checkpoint, drift, metrics
 from learner.checkpoint import CheckpointState
-from learner.consumer import PromptFilter, PromptSource, TrainingPrompt
+from learner.consumer import PromptBatch, PromptFilter, PromptSource, TrainingPrompt
 from learner.gate import Gate
 from learner.grpo import collate, group_advantages, micro_batches, training_inputs
 from learner.policy import apply_lora, grpo_step, lora_layers, make_optimizer
@@ -184,7 +184,6 @@ class Learner:
         """Step until `max_steps` (total, across restarts), until the source stays empty for
         `max_idle_polls` polls (None = forever), or until `stop` is set."""
         while (max_steps is None or self.step < max_steps) and not (stop and stop.is_set()):
-            self._wait_while_paused()
             report = self.step_once(max_idle_polls)
             if report is None:
                 break
@@ -192,11 +191,21 @@ class Learner:
                 on_step(report)
 
     def step_once(self, max_idle_polls: int | None = None) -> StepReport | None:
-        lc = self.cfg.learner
         t0 = time.perf_counter()
         batch = self.source.next_batch(self.prompts_per_step, max_idle_polls)
         if batch is None:
             return None
+        # A pause holds the next batch. In flight is set before the pause check, so whoever
+        # paused and then reads 0 knows no step will start.
+        metrics.STEP_IN_FLIGHT.set(1)
+        t0 += self._wait_while_paused()  # the batch's time does not count the pause
+        try:
+            return self._step(batch, t0)
+        finally:
+            metrics.STEP_IN_FLIGHT.set(0)
+
+    def _step(self, batch: PromptBatch, t0: float) -> StepReport:
+        lc = self.cfg.learner
         conversations = [p.messages for p in batch.prompts]
         t1 = time.perf_counter()
         candidates = self.engine.sample(conversations)
@@ -360,11 +369,16 @@ class Learner:
         log.info("%s: training continues from %s", why, f"v{live}" if live else "the base model")
         return True
 
-    def _wait_while_paused(self) -> None:
+    def _wait_while_paused(self) -> float:
+        """Seconds waited on an operator's pause-learning."""
+        started = time.perf_counter()
         if self.lifecycle.state().learning_paused:
             log.info("learning paused by an operator; waiting for resume-learning")
+            metrics.STEP_IN_FLIGHT.set(0)
             while self.lifecycle.state().learning_paused:
                 time.sleep(1.0)  # an operator's flag in a file: nothing to wait on but a poll
+            metrics.STEP_IN_FLIGHT.set(1)
+        return time.perf_counter() - started
 
     def _publish(self, path: Path, state: CheckpointState) -> int:
         """The checkpoint's candidate version (published now unless a crash came after it was)."""

@@ -66,6 +66,11 @@ STEP_SECONDS = Histogram(
     ["phase"],
     buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
+STEP_IN_FLIGHT = Gauge(
+    "dynalign_learner_step_in_flight",
+    "1 while a step (rollouts, update, checkpoint, gate) computes; 0 while the learner waits "
+    "for prompts or on pause-learning. After a pause, 0 means no step will start.",
+)
 LAST_CANDIDATE_VERSION = Gauge(
     "dynalign_learner_last_candidate_version",
     "Adapter version of the newest candidate the learner published.",

@@ -101,12 +101,13 @@ class ExperimentReport(BaseModel):
     heldout_prompts: int
     ifeval_prompts: int
     traffic: dict[str, Any]
+    evaluation_seconds: float  # this invocation's; a resumed run counts only what it evaluated
     promoted: list[GateRecord]  # every version that went live, in order
     versions: list[VersionResult]  # base and up to --max-versions of them, evaluated
 
 
-def learner_counter(metrics_url: str, name: str) -> float:
-    """A counter's value on the learner's /metrics (0 while the learner is not up yet)."""
+def learner_metric(metrics_url: str, name: str) -> float:
+    """A sample's value on the learner's /metrics (0 while the learner is not up)."""
     try:
         text = httpx.get(metrics_url, timeout=5).text
     except httpx.HTTPError:
@@ -136,19 +137,19 @@ async def drive_traffic(
     them short: on a CPU they take the cores the learner steps on."""
     # A plain client: this is user traffic, to be learned from (Endpoint.client() opts out).
     client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=6)
-    steps_at_start = learner_counter(metrics_url, "dynalign_learner_steps_total")
-    consumed_at_start = learner_counter(metrics_url, "dynalign_learner_records_consumed_total")
+    steps_at_start = learner_metric(metrics_url, "dynalign_learner_steps_total")
+    consumed_at_start = learner_metric(metrics_url, "dynalign_learner_records_consumed_total")
     started, sent = time.monotonic(), 0
     cycle = itertools.cycle(enumerate(prompts))
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("learner steps", total=budget_steps)
         while True:
-            steps = learner_counter(metrics_url, "dynalign_learner_steps_total") - steps_at_start
+            steps = learner_metric(metrics_url, "dynalign_learner_steps_total") - steps_at_start
             progress.update(task, completed=steps)
             if steps >= budget_steps or time.monotonic() - started > budget_s:
                 break
             consumed = (
-                learner_counter(metrics_url, "dynalign_learner_records_consumed_total")
+                learner_metric(metrics_url, "dynalign_learner_records_consumed_total")
                 - consumed_at_start
             )
             wanted = max(0, int(consumed) + ahead - sent)
@@ -193,14 +194,24 @@ def spread(versions: list[int], most: int) -> list[int]:
 
 
 @contextmanager
-def learning_paused(lifecycle: Lifecycle) -> Iterator[None]:
+def learning_paused(
+    lifecycle: Lifecycle, metrics_url: str, timeout_s: float = 900.0
+) -> Iterator[None]:
     """The learner waits while versions are evaluated: its steps would take the CPU the
     evaluation needs. Paused and resumed as an operator would (audited); a pause an operator
-    set before stays."""
+    set before stays. Yields once the learner's step in flight (and its gate) is done, so the
+    last version it publishes is gated before the registry is read."""
     mine = not lifecycle.state().learning_paused
     if mine:
         lifecycle.set_flag("pause-learning", "experiment", "held-out evaluation")
     try:
+        deadline = time.monotonic() + timeout_s
+        with console.status("waiting for the learner's step in flight"):
+            while learner_metric(metrics_url, "dynalign_learner_step_in_flight") > 0:
+                if time.monotonic() > deadline:
+                    console.print("[yellow]the learner's step outlasted the wait; evaluating")
+                    break
+                time.sleep(2.0)  # a gauge on another process's /metrics: polled
         yield
     finally:
         if mine:
@@ -410,7 +421,8 @@ def write_report(report: ExperimentReport, out: Path) -> None:
         "# dynalign experiment",
         "",
         f"Held-out prompts: {report.heldout_prompts}; frozen judge: {report.judge}; IFEval: "
-        f"{report.ifeval_prompts} prompts. Traffic: {report.traffic}. 95% bootstrap CIs.",
+        f"{report.ifeval_prompts} prompts. Traffic: {report.traffic}. Evaluation: "
+        f"{report.evaluation_seconds / 60:.0f} min. 95% bootstrap CIs.",
         "",
         "| version | steps | score vs base | win rate vs base | inconsistent | IFEval strict "
         "| length ratio | truncated | KL to base | self - frozen |",
@@ -446,10 +458,14 @@ def experiment_command(
     budget_steps: Annotated[int, typer.Option(help="Learner steps of traffic.")] = 40,
     budget_minutes: Annotated[
         float, typer.Option(help="... or at most this long (evaluation comes after).")
-    ] = 45.0,
+    ] = 35.0,
     max_versions: Annotated[
-        int, typer.Option(help="Promoted versions evaluated: evenly spaced, the last always.")
-    ] = 3,
+        int,
+        typer.Option(
+            help="Promoted versions evaluated: evenly spaced, the last always. Each costs "
+            "about 25 minutes on a 2-core CPU (SmolLM2)."
+        ),
+    ] = 1,
     train_prompts: Annotated[Path | None, typer.Option(help="Default: the shipped set.")] = None,
     heldout_prompts: Annotated[Path | None, typer.Option(help="Default: the shipped 100.")] = None,
     heldout_limit: Annotated[int | None, typer.Option(help="Only the first N.")] = None,
@@ -516,7 +532,8 @@ def experiment_command(
     endpoint = parse_target("dynalign@base", url, key)
     judge_endpoint = parse_target(judge, url, judge_api_key if "#" in judge else key)
     sampling = Sampling(temperature=0.0, max_tokens=max_tokens)
-    with learning_paused(Lifecycle(registry)):
+    evaluation_started = time.monotonic()
+    with learning_paused(Lifecycle(registry), metrics_url):
         promoted = promoted_versions(registry)
         verdicts = registry.read_state().gate_results
         gates = [
@@ -558,6 +575,7 @@ def experiment_command(
         heldout_prompts=len(heldout),
         ifeval_prompts=len(examples),
         traffic=traffic,
+        evaluation_seconds=time.monotonic() - evaluation_started,
         promoted=gates,
         versions=rows,
     )

@@ -122,7 +122,7 @@ class ServingConfig(Section):
 # What the `lora` profile changes from the paper's settings. The paper's lr (5e-6) was chosen
 # for fine-tuning gpt-oss-20b; a rank-16 LoRA on it barely moves (per-token KL to base 3e-7
 # after two versions). bench/lora_sweep.py measured the LoRA rate (README "Does it align?").
-LORA_PROFILE: dict[str, Any] = {"lr": 5e-4}
+LORA_PROFILE: dict[str, Any] = {"lr": 1e-3}
 
 
 class LearnerConfig(Section):

@@ -167,6 +167,12 @@ def test_experiment_reports_promoted_versions_against_base(tmp_path, tiny_model)
         ("experiment", "pause-learning"),
         ("experiment", "resume-learning"),
     ]
+    # It waited for the learner's step in flight: every version promoted before the learner
+    # resumed is in the report, none gated behind the evaluation's back.
+    resumed = next(i for i, e in enumerate(audit) if e.action == "resume-learning")
+    assert [g["version"] for g in promoted] == [
+        e.to_version for e in audit[:resumed] if e.action in ("promote", "promote-override")
+    ]
     # The traffic was logged; the held-out evaluation never was.
     asked = {r["messages"][-1]["content"] for r in logged}
     train, held = (
