@@ -64,6 +64,14 @@ EngineArgOpt = Annotated[
         "max_num_seqs=64; checked by vLLM's own parser.",
     ),
 ]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        envvar="DYNALIGN_DATA_DIR",
+        help="All state: outbox and log, registry, checkpoints (default: a per-user directory).",
+    ),
+]
 InsecureOpt = Annotated[
     bool, typer.Option("--insecure-no-auth", help="Serve a non-loopback address without API keys.")
 ]
@@ -91,9 +99,11 @@ def _config(
     port: int | None,
     engine_args: list[str] | None = None,
     insecure_no_auth: bool = False,
+    data_dir: Path | None = None,
 ) -> DynalignConfig:
     cfg = config_or_exit(
         config,
+        data_dir,
         model={"path": model},
         kafka={"bootstrap": kafka},
         serving={"host": host, "port": port, "insecure_no_auth": insecure_no_auth or None},
@@ -108,19 +118,10 @@ def _refuse(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _run_server(cfg: DynalignConfig) -> None:
-    import uvicorn
-
+def _outbox(cfg: DynalignConfig, retain: bool = False):
+    """The server's interaction outbox (serving/outbox.py), forwarding to cfg.kafka."""
     from serving.outbox import Outbox
-    from serving.server import InsecureConfig, check_exposure, create_app
-    from shared.engine import EngineArgsError, parse_vllm_args, vllm_cli_args
     from shared.kafka import ensure_topics, producer
-
-    try:  # before anything starts
-        check_exposure(cfg)
-        parse_vllm_args(vllm_cli_args(cfg.model, cfg.serving))
-    except (InsecureConfig, EngineArgsError) as exc:
-        _refuse(exc)
 
     def connect():
         # Called on every (re)connect: a broker that came back empty gets its topics again.
@@ -135,7 +136,7 @@ def _run_server(cfg: DynalignConfig) -> None:
             max_request_size=cfg.kafka.max_message_bytes,
         )
 
-    outbox = Outbox(
+    return Outbox(
         cfg.serving.outbox_dir,
         cfg.kafka.interactions_topic,
         connect,
@@ -143,8 +144,22 @@ def _run_server(cfg: DynalignConfig) -> None:
         segment_bytes=cfg.serving.outbox_segment_bytes,
         max_message_bytes=cfg.kafka.max_message_bytes,
         max_queued_records=cfg.serving.outbox_max_queued_records,
+        retain=retain,
     )
-    server_app = create_app(cfg, outbox)
+
+
+def _run_server(cfg: DynalignConfig, outbox=None) -> None:
+    import uvicorn
+
+    from serving.server import InsecureConfig, check_exposure, create_app
+    from shared.engine import EngineArgsError, parse_vllm_args, vllm_cli_args
+
+    try:  # before anything starts
+        check_exposure(cfg)
+        parse_vllm_args(vllm_cli_args(cfg.model, cfg.serving))
+    except (InsecureConfig, EngineArgsError) as exc:
+        _refuse(exc)
+    server_app = create_app(cfg, outbox or _outbox(cfg))
     server = uvicorn.Server(
         uvicorn.Config(
             server_app,
@@ -167,9 +182,10 @@ def serve(
     port: PortOpt = None,
     engine_arg: EngineArgOpt = None,
     insecure_no_auth: InsecureOpt = False,
+    data_dir: DataDirOpt = None,
 ) -> None:
     """Serve the OpenAI-compatible chat endpoint; log interactions to Kafka."""
-    cfg = _config(config, model, kafka, host, port, engine_arg, insecure_no_auth)
+    cfg = _config(config, model, kafka, host, port, engine_arg, insecure_no_auth, data_dir)
     if not cfg.kafka.bootstrap:
         raise typer.BadParameter(
             "serve needs --kafka (or DYNALIGN_KAFKA__BOOTSTRAP); "
@@ -181,14 +197,14 @@ def serve(
 
 def _demo_salt(cfg: DynalignConfig) -> None:
     """`dynalign up` needs no set-up: a random salt is generated once and kept (0600) beside
-    the server's outbox, so pseudonyms stay stable across restarts of the demo."""
+    in the data directory, so pseudonyms stay stable across restarts of the demo."""
     import secrets
 
     from pydantic import SecretStr
 
     if cfg.serving.user_hash_salt is not None:
         return
-    path = cfg.serving.outbox_dir.parent / "user_hash_salt"
+    path = cfg.data_dir / "user_hash_salt"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -275,6 +291,8 @@ def _spawn_learner(
         "--kafka",
         cfg.kafka.bootstrap,
         "--single-user",
+        "--data-dir",
+        str(cfg.data_dir),
     ]
     if cfg.model.path:
         cmd += ["--model", cfg.model.path]
@@ -305,14 +323,26 @@ def up(
     port: PortOpt = None,
     engine_arg: EngineArgOpt = None,
     insecure_no_auth: InsecureOpt = False,
+    data_dir: DataDirOpt = None,
+    ephemeral: Annotated[
+        bool,
+        typer.Option(
+            "--ephemeral",
+            help="The embedded broker's log lives in memory only: a restart starts it empty.",
+        ),
+    ] = False,
 ) -> None:
     """Everything on one machine: a Kafka-protocol broker (embedded Tansu unless --kafka),
-    the chat server on the model (default SmolLM2-135M-Instruct), metrics."""
+    the chat server on the model (default SmolLM2-135M-Instruct), the learner, metrics.
+
+    The embedded broker keeps its log in memory; unless --ephemeral, the server's outbox
+    retains every record it forwarded and gives them back to the broker at start, at the same
+    offsets, before the learner starts: a restart keeps the interaction log."""
     from serving.server import InsecureConfig, check_exposure
     from shared.engine import cpu_thread_binding, has_gpu
     from shared.kafka import EmbeddedBroker
 
-    cfg = _config(config, model, kafka, host, port, engine_arg, insecure_no_auth)
+    cfg = _config(config, model, kafka, host, port, engine_arg, insecure_no_auth, data_dir)
     _demo_salt(cfg)
     try:
         check_exposure(cfg)  # before the broker and the learner start
@@ -326,11 +356,26 @@ def up(
             broker = EmbeddedBroker().start()
             cleanups.callback(broker.stop)
             cfg.kafka.bootstrap = broker.bootstrap
+        outbox = _outbox(cfg, retain=embedded and not ephemeral)
+        broker_note = ""
+        if embedded and ephemeral:
+            broker_note = " (embedded Tansu, in-memory)"
+        elif embedded:
+            reseeded = outbox.reseed()  # before the learner reads a partial log
+            broker_note = (
+                f" (embedded Tansu; its log kept by the outbox: {reseeded.records} records "
+                f"back in {reseeded.seconds:.1f} s"
+                + (
+                    ", [red]offsets differ: see the log[/red])"
+                    if reseeded.offsets_match is False
+                    else ")"
+                )
+            )
         base = f"http://{cfg.serving.host}:{cfg.serving.port}"
         console.print(
             f"[bold]dynalign up[/bold]\n"
-            f"  kafka      {cfg.kafka.bootstrap}"
-            + (" (embedded Tansu, in-memory)" if embedded else "")
+            f"  kafka      {cfg.kafka.bootstrap}{broker_note}"
+            + f"\n  data       {cfg.data_dir}"
             + f"\n  chat       {base}/v1/chat/completions  model='{cfg.model.served_name}'"
             f"\n  models     {base}/v1/models\n  metrics    {base}/metrics (server), "
             f"http://127.0.0.1:{cfg.learner.metrics_port}/metrics (learner)"
@@ -338,7 +383,7 @@ def up(
         )
         # Stopped before the broker: cleanups run last-registered first.
         cleanups.callback(_stop_child, _spawn_learner(cfg, config, engine_arg))
-        _run_server(cfg)
+        _run_server(cfg, outbox)
 
 
 def learner_settings(cfg: DynalignConfig, single_user: bool = False) -> DynalignConfig:
@@ -376,9 +421,6 @@ def learner_settings(cfg: DynalignConfig, single_user: bool = False) -> Dynalign
     return cfg
 
 
-LEARNER_WORKDIR = Path("runs/learner")
-
-
 def _replay_bounds(text: str):
     from shared.kafka import parse_bound
 
@@ -409,7 +451,9 @@ def learn(
         int | None,
         typer.Option("--max-steps", help="Stop after this many steps (total, across restarts)."),
     ] = None,
-    workdir: Annotated[Path, typer.Option(help="Checkpoints and scratch.")] = LEARNER_WORKDIR,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Checkpoints and scratch (default: DATA_DIR/learner).")
+    ] = None,
     reward_mode: Annotated[str | None, typer.Option(help="greedy | expected")] = None,
     engine_arg: EngineArgOpt = None,
     replay: Annotated[
@@ -421,12 +465,14 @@ def learn(
         ),
     ] = None,
     single_user: Annotated[bool, typer.Option(hidden=True)] = False,
+    data_dir: DataDirOpt = None,
 ) -> None:
     """Consume interactions, self-score G rollouts per prompt, GRPO-update the LoRA adapter,
     and publish a candidate adapter version every K steps."""
     span_bounds = _replay_bounds(replay) if replay else None
     cfg = config_or_exit(
         config,
+        data_dir,
         model={"path": model},
         kafka={"bootstrap": kafka},
         learner={"reward_mode": reward_mode},
@@ -447,8 +493,9 @@ def learn(
             )
         # Its own group and checkpoints: the live learner's offsets and workdir stay untouched.
         cfg.learner.consumer_group += "-replay"
-        if workdir == LEARNER_WORKDIR:
-            workdir = Path("runs") / ("replay-" + re.sub(r"[^\w.-]+", "_", replay))
+        if workdir is None:
+            workdir = cfg.data_dir / ("replay-" + re.sub(r"[^\w.-]+", "_", replay))
+    workdir = workdir or cfg.learner_workdir
     lc = cfg.learner
     start_http_server(lc.metrics_port)
 

@@ -15,9 +15,11 @@ from shared.config import DynalignConfig, load_config
 console = Console()
 
 
-def config_or_exit(config_file: Path | None = None, **flags: dict[str, Any]) -> DynalignConfig:
+def config_or_exit(
+    config_file: Path | None = None, data_dir: Path | None = None, **flags: dict[str, Any]
+) -> DynalignConfig:
     try:
-        return load_config(config_file, **flags)
+        return load_config(config_file, data_dir, **flags)
     except ValidationError as exc:
         for error in exc.errors():
             field = ".".join(str(part) for part in error["loc"])

@@ -65,6 +65,10 @@ OUTBOX_DEAD_LETTERED = Counter(
     "(an unreadable segment line).",
     ["reason"],
 )
+OUTBOX_RESEEDED = Counter(
+    "dynalign_outbox_reseeded_records_total",
+    "Records the outbox sent again to an embedded broker that restarted empty (Outbox.reseed).",
+)
 # Every reason exported from the start (at 0), so that rates and alerts see the series.
 for _reason in ("queue_full", "shutdown"):
     OUTBOX_DROPPED.labels(_reason)

@@ -12,8 +12,10 @@ fails or slows a chat response and nothing is lost while the broker is away.
 A record is forwarded only after it is on disk, and the on-disk cursor moves only over records
 Kafka acknowledged (or that were set aside); on restart everything past the cursor is sent again
 (at-least-once; records carry ids and consumers deduplicate). Segments wholly behind the cursor
-are deleted. The forwarder reads from the segment files a window at a time, so memory stays
-bounded however long Kafka is away.
+are deleted, unless `retain`: then they are the log of an embedded broker that keeps nothing
+itself, and `reseed()` gives such a broker, restarted empty, every record again (see there).
+The forwarder reads from the segment files a window at a time, so memory stays bounded however
+long Kafka is away.
 
 A record that can never reach Kafka goes to `dead-letter.jsonl` in the outbox directory, one JSON
 line each (reason, time, detail, the record), counted by dynalign_outbox_dead_lettered_total:
@@ -75,6 +77,21 @@ RECORD_ERRORS = (
 
 
 @dataclass(frozen=True)
+class Reseeded:
+    """What reseed() sent. `ends` are each partition's next offset after it; `expected` those
+    the cursor recorded when the records were first acknowledged (None: an older cursor)."""
+
+    records: int
+    seconds: float
+    ends: dict[int, int]
+    expected: dict[int, int] | None
+
+    @property
+    def offsets_match(self) -> bool | None:
+        return None if self.expected is None else self.ends == self.expected
+
+
+@dataclass(frozen=True)
 class _Entry:
     """A segment line as the forwarder sends it. `value` None: a garbled line, already
     dead-lettered, that only moves the cursor."""
@@ -126,6 +143,7 @@ class Outbox:
         segment_bytes: int = 16 << 20,
         max_message_bytes: int = KafkaConfig.model_fields["max_message_bytes"].default,
         max_queued_records: int = ServingConfig.model_fields["outbox_max_queued_records"].default,
+        retain: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -134,6 +152,7 @@ class Outbox:
         self._fsync_interval_s = fsync_interval_ms / 1000
         self._segment_bytes = segment_bytes
         self._max_message_bytes = max_message_bytes
+        self._retain = retain
 
         self._incoming: queue.Queue[InteractionRecord | None] = queue.Queue(max_queued_records)
         self._dropping = False  # between the first drop of a full queue and the next accept
@@ -145,6 +164,8 @@ class Outbox:
         # Guards what the writer and the forwarder share: the durable end and the record count.
         self._durable = threading.Condition()
 
+        # Each partition's next offset as acknowledged, kept in the cursor (see reseed()).
+        self._partition_ends: dict[int, int] = {}
         self._read_pos = self._cursor = self._read_cursor()
         self._segment_seq, self._segment_size, self._unsettled = self._recover()
         self._segment_fd = self._open_segment(self._segment_seq)
@@ -229,6 +250,63 @@ class Outbox:
         if self._forwarder.is_alive():
             self._forwarder.join(timeout=5)
 
+    def reseed(self, attempts: int = 5) -> Reseeded:
+        """Send every retained record up to the cursor again, before start(), to a broker that
+        lost them: the embedded one, whose storage is memory, after a restart. One producer
+        sends them in the order they were first acknowledged, and a record's partition follows
+        from its key, so every partition gets back the records it held in the order it held
+        them: the same offsets, which the learner's checkpoints and consumer groups point at.
+        Checked against the partition ends the cursor recorded; they differ if a retained line
+        was damaged since (dead-lettered now as garbled) or the first broker held a record
+        twice (a send retried by a new producer after a timeout). The forwarder then sends
+        what is past the cursor, as after any restart.
+
+        Kafka itself keeps its log; this is for a broker without storage, so that the outbox,
+        which has every record on disk anyway, is the log's storage (`dynalign up`)."""
+        started = time.monotonic()
+        segments = [seq for seq in self._segments() if seq <= self._cursor[0]]
+        if segments and segments[0] > 1:
+            log.warning(
+                "outbox: segments before %d were deleted (an outbox that did not retain them); "
+                "the re-seeded log starts later and its offsets differ",
+                segments[0],
+            )
+        expected = dict(self._partition_ends) or None
+        ends: dict[int, int] = {}
+        window: list[_Entry] = []
+        lines = self._lines((segments[0], 0), self._cursor) if segments else iter(())
+        records = 0
+        producer = self._producer_factory()
+        try:
+            while True:
+                while len(window) < WINDOW_RECORDS and (line := next(lines, None)):
+                    window.append(self._entry(*line))
+                if not window:
+                    break
+                for attempt in range(attempts):
+                    settled, error = self._send(producer, window, ends, resend=True)
+                    records += sum(e.value is not None for e in window[:settled])
+                    window = window[settled:]
+                    if error is None:
+                        break
+                    if attempt == attempts - 1:
+                        raise RuntimeError(f"outbox: re-seeding the broker failed: {error!r}")
+                    log.warning("outbox: re-seeding: %s; retrying", error)
+                    time.sleep(0.5 * 2**attempt)
+        finally:
+            producer.close(timeout=5)
+        self._partition_ends = ends
+        metrics.OUTBOX_RESEEDED.inc(records)
+        done = Reseeded(records, time.monotonic() - started, ends, expected)
+        if done.offsets_match is False:
+            log.error(
+                "outbox: re-seeded partition ends %s differ from those first acknowledged %s: "
+                "offsets after the difference are shifted",
+                ends,
+                expected,
+            )
+        return done
+
     # -- start-up -------------------------------------------------------------------------------
     def _segments(self) -> list[int]:
         return sorted(int(p.stem.split("-")[1]) for p in self.directory.glob("segment-*.jsonl"))
@@ -240,6 +318,7 @@ class Outbox:
         try:
             data = json.loads(path.read_bytes())
             seq, offset = int(data["segment"]), int(data["offset"])
+            self._partition_ends = {int(p): int(o) for p, o in data.get("partitions", {}).items()}
         except FileNotFoundError:
             return 0, 0
         except (ValueError, KeyError, TypeError) as exc:
@@ -260,12 +339,12 @@ class Outbox:
         return seq, offset
 
     def _recover(self) -> tuple[int, int, int]:
-        """Delete segments behind the cursor, cut a torn last line (a crash during a write) and
-        count the records past the cursor, without holding them. Returns the tail segment, its
-        size and the count."""
+        """Delete segments behind the cursor (unless retained), cut a torn last line (a crash
+        during a write) and count the records past the cursor, without holding them. Returns
+        the tail segment, its size and the count."""
         cursor_seq, cursor_offset = self._cursor
         for seq in self._segments():
-            if seq < cursor_seq:
+            if seq < cursor_seq and not self._retain:
                 _segment_path(self.directory, seq).unlink()
         segments = self._segments()
         if not segments:
@@ -287,7 +366,7 @@ class Outbox:
                 )
                 size = whole
         count = 0
-        for seq in segments:
+        for seq in (seq for seq in segments if seq >= cursor_seq):
             with _segment_path(self.directory, seq).open("rb") as f:
                 f.seek(cursor_offset if seq == cursor_seq else 0)
                 count += sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
@@ -448,7 +527,7 @@ class Outbox:
                 producer = producer or self._producer_factory()
                 if self._stopping.is_set():
                     break  # close() stopped waiting while we connected: send nothing more
-                settled, error = self._send(producer, window)
+                settled, error = self._send(producer, window, self._partition_ends)
             except Exception as exc:  # no broker to connect to, metadata timeout
                 settled, error = 0, exc
             self._advance(window[:settled])
@@ -523,9 +602,17 @@ class Outbox:
             return _Entry(seq, end_offset)
         return _Entry(seq, end_offset, line.rstrip(b"\n"), key, headers)
 
-    def _send(self, producer: KafkaProducer, window: list[_Entry]) -> tuple[int, Exception | None]:
+    def _send(
+        self,
+        producer: KafkaProducer,
+        window: list[_Entry],
+        ends: dict[int, int],
+        resend: bool = False,
+    ) -> tuple[int, Exception | None]:
         """Send in order; return how many leading entries are settled (acknowledged, or set
-        aside as refused) and the error that stopped the rest (they are sent again)."""
+        aside as refused) and the error that stopped the rest (they are sent again). Each
+        acknowledgement moves its partition's next offset in `ends`. A resent record that is
+        refused was dead-lettered the first time."""
         outcomes: list[Any] = []  # per entry: a future, an exception from send(), or None
         for entry in window:
             if entry.value is None:
@@ -550,22 +637,28 @@ class Outbox:
                 if isinstance(outcome, Exception):
                     raise outcome
                 if outcome is not None:
-                    outcome.get(timeout=0)
-                    metrics.INTERACTIONS_PUBLISHED.inc()
+                    acked = outcome.get(timeout=0)
+                    ends[acked.partition] = acked.offset + 1
+                    if not resend:
+                        metrics.INTERACTIONS_PUBLISHED.inc()
             except RECORD_ERRORS as exc:
-                self._dead_letter("rejected", repr(exc), json.loads(entry.value))
+                if not resend:
+                    self._dead_letter("rejected", repr(exc), json.loads(entry.value))
             except Exception as exc:
                 return settled, exc
         return len(outcomes), None
 
     def _advance(self, settled: list[_Entry]) -> None:
-        """Move the cursor over settled entries; delete segments wholly behind it."""
+        """Move the cursor over settled entries; delete segments wholly behind it (unless
+        retained)."""
         if not settled:
             return
         with self._durable:
             self._unsettled -= len(settled)
         last = settled[-1]
-        cursor = json.dumps({"segment": last.segment, "offset": last.end_offset}).encode()
+        cursor = json.dumps(
+            {"segment": last.segment, "offset": last.end_offset, "partitions": self._partition_ends}
+        ).encode()
         try:
             atomic_write(self.directory / CURSOR_FILE, cursor)
         except OSError as exc:  # a full disk: the old cursor stays, later records resend
@@ -574,6 +667,8 @@ class Outbox:
             )
             return
         self._cursor = (last.segment, last.end_offset)
+        if self._retain:
+            return
         for seq in self._segments():
             if seq >= last.segment:
                 break

@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import platformdirs
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -89,7 +90,7 @@ class ServingConfig(Section):
     rate_limit_per_client: float = Field(20.0, gt=0)  # requests per second, sustained
     rate_limit_burst: int = Field(40, ge=1)
     max_in_flight: int = Field(256, ge=1)  # all clients; beyond it the server is saturated
-    outbox_dir: Path = Path("runs/outbox")
+    outbox_dir: Path = Path("outbox")  # unless set: in the data directory
     outbox_fsync_interval_ms: int = 50
     outbox_segment_bytes: int = 16 << 20
     # Records waiting for the outbox's writer; beyond this (the disk refuses writes) new records
@@ -227,8 +228,14 @@ class GateConfig(Section):
 
 
 class RegistryConfig(Section):
-    store: Path = Path("runs/adapters")
+    store: Path = Path("adapters")  # unless set: in the data directory
     keep_loaded: int = 3
+
+
+def default_data_dir() -> Path:
+    """Per user, not the working directory, so that `dynalign adapters list` run from another
+    folder sees the same registry ($XDG_DATA_HOME/dynalign on Linux, via platformdirs)."""
+    return Path(platformdirs.user_data_dir("dynalign", appauthor=False))
 
 
 class DynalignConfig(BaseSettings):
@@ -236,12 +243,30 @@ class DynalignConfig(BaseSettings):
         env_prefix="DYNALIGN_", env_nested_delimiter="__", extra="forbid"
     )
 
+    # Where every piece of state lives unless set on its own: the outbox (with the embedded
+    # broker's log), the adapter registry, the learner's checkpoints, the demo's salt.
+    # DYNALIGN_DATA_DIR or --data-dir.
+    data_dir: Path = Field(default_factory=default_data_dir)
+
     model: ModelConfig = Field(default_factory=ModelConfig)
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+
+    @model_validator(mode="after")
+    def _state_in_data_dir(self) -> DynalignConfig:
+        if "outbox_dir" not in self.serving.model_fields_set:
+            self.serving.outbox_dir = self.data_dir / "outbox"
+        if "store" not in self.registry.model_fields_set:
+            self.registry.store = self.data_dir / "adapters"
+        return self
+
+    @property
+    def learner_workdir(self) -> Path:
+        """The live learner's checkpoints (a replay gets its own beside it)."""
+        return self.data_dir / "learner"
 
     @classmethod
     def settings_customise_sources(
@@ -272,7 +297,9 @@ class _FileSource(PydanticBaseSettingsSource):
         return tomllib.loads(text)
 
 
-def load_config(config_file: Path | None = None, **flags: dict[str, Any]) -> DynalignConfig:
+def load_config(
+    config_file: Path | None = None, data_dir: Path | None = None, **flags: dict[str, Any]
+) -> DynalignConfig:
     """Build and validate the config; `flags` are per-section dicts of values given on the
     command line (None values are dropped, so an unset flag never hides the file or
     environment). pydantic-settings merges flags > environment > file section by section and
@@ -284,4 +311,5 @@ def load_config(config_file: Path | None = None, **flags: dict[str, Any]) -> Dyn
         section: {k: v for k, v in values.items() if v is not None}
         for section, values in flags.items()
     }
-    return DynalignConfig(**{section: values for section, values in given.items() if values})
+    top = {"data_dir": data_dir} if data_dir is not None else {}
+    return DynalignConfig(**top, **{section: values for section, values in given.items() if values})

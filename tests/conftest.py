@@ -23,6 +23,15 @@ REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
 
 
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path, monkeypatch) -> Path:
+    """Each test's own data directory (processes it starts inherit it): the default is per
+    user (shared/config.py), not to be shared between tests or with whoever runs them."""
+    path = tmp_path / "data"
+    monkeypatch.setenv("DYNALIGN_DATA_DIR", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     from shared.assets import tiny_model_dir
@@ -85,6 +94,7 @@ def start_server(
     full_env = {
         **os.environ,
         "DYNALIGN_MODEL__MAX_MODEL_LEN": "512",
+        "DYNALIGN_DATA_DIR": str(workdir / "data"),
         "DYNALIGN_SERVING__OUTBOX_DIR": str(outbox),
         "DYNALIGN_SERVING__API_KEYS": json.dumps([API_KEY]),
         "DYNALIGN_SERVING__MAX_REQUEST_BYTES": str(256 * 1024),

@@ -468,3 +468,85 @@ def test_topics_take_replication_and_size_limits_from_the_config(monkeypatch):
         finally:
             admin.close()
     assert {len(p["replica_nodes"]) for p in described[0]["partitions"]} == {3}
+
+
+# -- the embedded broker's log -------------------------------------------------------------------
+def topic_contents(bootstrap: str) -> dict[int, list[str]]:
+    """Each partition's record ids, in offset order from offset 0."""
+    c = consumer(bootstrap, group_id=None)
+    try:
+        partitions = [TopicPartition(TOPIC, p) for p in c.partitions_for_topic(TOPIC)]
+        c.assign(partitions)
+        c.seek_to_beginning(*partitions)
+        ends = c.end_offsets(partitions)
+        found: dict[int, list[str]] = {tp.partition: [] for tp in partitions}
+        deadline = time.monotonic() + 30
+        while any(c.position(tp) < ends[tp] for tp in partitions):
+            assert time.monotonic() < deadline, "topic not read in 30 s"
+            for tp, batch in c.poll(timeout_ms=200).items():
+                for message in batch:
+                    assert message.offset == len(found[tp.partition])  # from 0, no gap
+                    found[tp.partition].append(json.loads(message.value)["id"])
+        return found
+    finally:
+        c.close()
+
+
+def test_a_retained_log_reseeds_an_empty_broker_at_the_same_offsets(tmp_path):
+    """`dynalign up`'s broker keeps nothing across its restart; the outbox retains what it
+    forwarded and gives it back: every record in its partition at its offset, then what was
+    never sent. A line damaged on disk since is dead-lettered, and the shift it causes in its
+    partition's offsets is reported."""
+    with EmbeddedBroker() as first_broker:
+        box = outbox_for(tmp_path, first_broker.bootstrap, retain=True, segment_bytes=3000)
+        box.start()
+        for i in range(40):  # several conversations: all three partitions, several segments
+            box.append(record(f"c-{i % 7}", f"m{i}"))
+            if i % 8 == 7:  # written in batches: a segment rolls between them
+                assert box.wait_drained(timeout_s=30)
+        box.close()
+        before = topic_contents(first_broker.bootstrap)
+    assert sum(map(len, before.values())) == 40 and all(before.values())
+    assert len(list(tmp_path.glob("segment-*.jsonl"))) > 2  # retained, not trimmed
+    # A line damaged on disk among the retained ones, and two records never sent.
+    with sorted(tmp_path.glob("segment-*.jsonl"))[0].open("r+b") as f:
+        f.seek(0)
+        f.write(b"#")
+    box = outbox_for(tmp_path, f"127.0.0.1:{free_port()}", retain=True)  # no broker: unsent
+    box.start()
+    box.append(record("c-late", "m40"))
+    box.append(record("c-late", "m41"))
+    box.close(drain_timeout_s=0.5)
+
+    with EmbeddedBroker() as second_broker:  # empty, as after `dynalign up` restarts
+        box = outbox_for(tmp_path, second_broker.bootstrap, retain=True)
+        reseeded = box.reseed()
+        assert reseeded.records == 39 and reseeded.offsets_match is False  # the damaged line
+        after = topic_contents(second_broker.bootstrap)
+        kept = {i for ids in after.values() for i in ids}
+        damaged = next(i for ids in before.values() for i in ids if i not in kept)
+        for partition, ids in before.items():
+            assert after[partition] == [i for i in ids if i != damaged]
+        box.start()
+        assert box.wait_drained(timeout_s=30)
+        box.close()
+        late = topic_contents(second_broker.bootstrap)
+    assert sum(map(len, late.values())) == 41  # the two unsent ones follow
+    dead = [json.loads(line) for line in (tmp_path / DEAD_LETTER_FILE).read_text().splitlines()]
+    assert [d["reason"] for d in dead] == ["garbled"]
+
+
+def test_an_intact_retained_log_reseeds_with_matching_offsets(tmp_path):
+    with EmbeddedBroker() as broker:
+        box = outbox_for(tmp_path, broker.bootstrap, retain=True)
+        box.start()
+        for i in range(12):
+            box.append(record(f"c-{i % 5}", f"m{i}"))
+        assert box.wait_drained(timeout_s=30)
+        box.close()
+        before = topic_contents(broker.bootstrap)
+    with EmbeddedBroker() as broker:
+        reseeded = outbox_for(tmp_path, broker.bootstrap, retain=True).reseed()
+        assert reseeded.records == 12 and reseeded.offsets_match is True
+        assert reseeded.ends == {p: len(ids) for p, ids in before.items() if ids}
+        assert topic_contents(broker.bootstrap) == before

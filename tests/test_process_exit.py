@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -171,3 +172,65 @@ def test_up_learns_from_one_user_and_ctrl_c_ends_everything(tmp_path, tiny_model
         stop_and_check(process, signal.SIGINT, log, timeout_s=90)
     finally:
         kill_group(process)
+
+
+def test_up_keeps_its_log_across_a_restart_and_trains_on_each_record_once(tmp_path, tiny_model):
+    """The embedded broker keeps nothing itself; stopped and started again on the same data
+    directory, `dynalign up` has every earlier interaction back in the topic at its offset,
+    and its learner, resuming from its checkpoint, trains on each record exactly once."""
+    from openai import OpenAI
+
+    from shared.kafka import range_offsets, read_range
+    from shared.registry import Registry
+
+    data = tmp_path / "data"
+    port, learner_port = free_port(), free_port()
+    env = {
+        **base_env(tmp_path, tiny_model),
+        "DYNALIGN_LEARNER__METRICS_PORT": str(learner_port),
+        "DYNALIGN_LEARNER__CHECKPOINT_EVERY_STEPS": "1",
+        "DYNALIGN_SERVING__API_KEYS": json.dumps([API_KEY]),
+    }
+    del env["DYNALIGN_REGISTRY__STORE"]  # the data directory holds all of it
+    args = ["up", "--model", str(tiny_model), "--port", str(port), "--data-dir", str(data)]
+    registry = Registry(data / "adapters")
+    asked: list[str] = []
+
+    def run(prompts: list[str], versions: int, log: Path) -> list:
+        """Start, chat, wait for the learner's candidate, Ctrl-C; the broker's address."""
+        process = start(args, tmp_path, env, log)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_until(lambda: answers(f"{base}/health"), "server", process, log, 240)
+            client = OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0)
+            for text in prompts:  # one step's two prompts
+                response = client.chat.completions.with_raw_response.create(
+                    model="dynalign", max_tokens=4, messages=[{"role": "user", "content": text}]
+                )
+                asked.append(response.headers["x-dynalign-interaction-id"])
+            wait_until(
+                lambda: len(registry.versions()) >= versions, "a candidate", process, log, 240
+            )
+            bootstrap = re.search(r"kafka\s+(127\.0\.0\.1:\d+)", log.read_text()).group(1)
+            name = "dynalign.interactions"
+            topic = list(read_range(bootstrap, name, *range_offsets(bootstrap, name, None, None)))
+            stop_and_check(process, signal.SIGINT, log, timeout_s=90)
+            return topic
+        finally:
+            kill_group(process)
+
+    run(["Plan a picnic", "Name a park"], 1, tmp_path / "up-1.log")
+    second_log = tmp_path / "up-2.log"
+    topic = run(["Plan a hike", "Name a river"], 2, second_log)
+    assert "2 records back" in second_log.read_text()  # re-seeded before the learner started
+
+    # Every interaction in the log once; each version trained on offsets no other one did.
+    offsets = {(m.partition, m.offset): json.loads(m.value)["id"] for m in topic}
+    assert sorted(offsets.values()) == sorted(asked) and len(asked) == 4
+    trained = [
+        (int(key.rsplit(":", 1)[1]), offset)
+        for version in registry.versions()
+        for key, (first, last) in registry.manifest(version).trained_offsets.items()
+        for offset in range(first, last + 1)
+    ]
+    assert sorted(trained) == sorted(offsets)

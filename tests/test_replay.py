@@ -31,7 +31,9 @@ def committed(bootstrap: str, group: str) -> dict[str, int]:
     return {f"{tp.topic}:{tp.partition}": m.offset for tp, m in offsets.items() if m.offset >= 0}
 
 
-def test_replay_trains_on_the_range_only_and_leaves_the_live_group_alone(tmp_path, tiny_model):
+def test_replay_trains_on_the_range_only_and_leaves_the_live_group_alone(
+    tmp_path, tiny_model, data_dir
+):
     group = f"live-{uuid.uuid4().hex[:6]}"
     with EmbeddedBroker() as broker:
         cfg = load_config(kafka={"bootstrap": broker.bootstrap, "partitions": 1})
@@ -57,11 +59,11 @@ def test_replay_trains_on_the_range_only_and_leaves_the_live_group_alone(tmp_pat
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         key = f"{cfg.kafka.interactions_topic}:0"
         # Offsets 2..5 are four prompts: two steps, then the range is read and it stops.
-        _, state = checkpoint.latest(tmp_path / "runs" / "replay-2..6")
+        _, state = checkpoint.latest(data_dir / "replay-2..6")
         assert state.step == 2 and state.next_offsets == {key: 6}
         assert committed(broker.bootstrap, f"{group}-replay") == {key: 6}
         assert committed(broker.bootstrap, group) == {}
-        assert not (tmp_path / "runs" / "learner").exists()
+        assert not (data_dir / "learner").exists()
 
         bad = subprocess.run(
             [sys.executable, "-m", "dynalign", "learn", "--kafka", broker.bootstrap,
