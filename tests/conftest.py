@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,12 @@ from shared.kafka import EmbeddedBroker, consumer, ensure_topics, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
+
+
+def pytest_configure(config):
+    # Nothing the suite starts uses the per-user data directory, not even a process a
+    # session-scoped fixture starts before any test's own directory (below) is set.
+    os.environ["DYNALIGN_DATA_DIR"] = tempfile.mkdtemp(prefix="dynalign-tests-")
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """Stopping dynalign ends every process it started: `dynalign learn` on SIGTERM (how Kubernetes and
 compose stop a container) and `dynalign up` on Ctrl-C leave no vLLM engine core, learner or broker
-running. Each orphaned engine core held ~700 MB and a CPU core."""
+running (each orphaned engine core held ~700 MB and a CPU core); `up` started again on the same
+data directory has its whole interaction log back."""
 
 from __future__ import annotations
 
@@ -47,17 +48,6 @@ def answers(url: str) -> str | None:
     except httpx.HTTPError:
         return None  # still starting
     return response.text if response.status_code == 200 else None
-
-
-def steps(metrics_text: str) -> float:
-    return next(
-        (
-            float(line.split()[1])
-            for line in metrics_text.splitlines()
-            if line.startswith("dynalign_learner_steps_total ")
-        ),
-        0.0,
-    )
 
 
 def stop_and_check(process: subprocess.Popen, sig: int, log: Path, timeout_s: float) -> None:
@@ -136,48 +126,12 @@ def test_sigterm_ends_learn_and_its_engine(tmp_path, tiny_model):
         kill_group(process)
 
 
-def test_up_learns_from_one_user_and_ctrl_c_ends_everything(tmp_path, tiny_model):
+def test_up_learns_ends_on_ctrl_c_and_restarts_with_its_whole_log(tmp_path, tiny_model):
     """`dynalign up` is the single-user demo: one API key chats, and its learner (share cap off)
-    steps on those chats. Ctrl-C then ends the server, the learner, both engines and the
-    broker."""
-    from openai import OpenAI
-
-    port, learner_port = free_port(), free_port()
-    env = {
-        **base_env(tmp_path, tiny_model),
-        "DYNALIGN_LEARNER__METRICS_PORT": str(learner_port),
-        "DYNALIGN_SERVING__OUTBOX_DIR": str(tmp_path / "outbox"),
-        "DYNALIGN_SERVING__API_KEYS": json.dumps([API_KEY]),
-    }
-    log = tmp_path / "up.log"
-    process = start(["up", "--model", str(tiny_model), "--port", str(port)], tmp_path, env, log)
-    try:
-        wait_until(
-            lambda: answers(f"http://127.0.0.1:{port}/health") is not None,
-            "server",
-            process,
-            log,
-            240,
-        )
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=API_KEY, max_retries=0)
-        for text in ("Plan a picnic", "Name a park"):  # one step's 2 prompts, one principal
-            client.chat.completions.create(
-                model="dynalign", max_tokens=4, messages=[{"role": "user", "content": text}]
-            )
-        learner_metrics = f"http://127.0.0.1:{learner_port}/metrics"
-        wait_until(
-            lambda: steps(answers(learner_metrics) or "") >= 1, "a learner step", process, log, 180
-        )
-        assert engine_cores(process.pid) == 2  # the server's and the learner's
-        stop_and_check(process, signal.SIGINT, log, timeout_s=90)
-    finally:
-        kill_group(process)
-
-
-def test_up_keeps_its_log_across_a_restart_and_trains_on_each_record_once(tmp_path, tiny_model):
-    """The embedded broker keeps nothing itself; stopped and started again on the same data
-    directory, `dynalign up` has every earlier interaction back in the topic at its offset,
-    and its learner, resuming from its checkpoint, trains on each record exactly once."""
+    steps on those chats. Ctrl-C ends the server, the learner, both engines and the broker.
+    The broker keeps nothing itself; started again on the same data directory, `up` has every
+    earlier interaction back in the topic at its offset, and its learner, resuming from its
+    checkpoint, trains on each record exactly once."""
     from openai import OpenAI
 
     from shared.kafka import range_offsets, read_range
@@ -211,6 +165,7 @@ def test_up_keeps_its_log_across_a_restart_and_trains_on_each_record_once(tmp_pa
             wait_until(
                 lambda: len(registry.versions()) >= versions, "a candidate", process, log, 240
             )
+            assert engine_cores(process.pid) == 2  # the server's and the learner's
             bootstrap = re.search(r"kafka\s+(127\.0\.0\.1:\d+)", log.read_text()).group(1)
             name = "dynalign.interactions"
             topic = list(read_range(bootstrap, name, *range_offsets(bootstrap, name, None, None)))
