@@ -4,10 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-if ! command -v prometheus >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && apt-get install -y -qq prometheus >/dev/null) || echo "prometheus: apt install failed"
-  fi
+# Debian packages the slow tests run for real: Prometheus (alert rules), HAProxy (scale-out).
+missing=""
+for tool in prometheus haproxy; do
+  command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
+done
+if [ -n "$missing" ] && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq $missing >/dev/null) || echo "apt install of$missing failed"
 fi
 . .venv/bin/activate
 # House style, checked before the (long) suite: pyproject.toml's [tool.ruff] says what.
