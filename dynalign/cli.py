@@ -121,6 +121,7 @@ def _refuse(exc: Exception) -> None:
 def _outbox(cfg: DynalignConfig, retain: bool = False):
     """The server's interaction outbox (serving/outbox.py), forwarding to cfg.kafka."""
     from serving.outbox import Outbox
+    from shared.files import DirectoryInUse
     from shared.kafka import ensure_topics, producer
 
     def connect():
@@ -136,16 +137,19 @@ def _outbox(cfg: DynalignConfig, retain: bool = False):
             max_request_size=cfg.kafka.max_message_bytes,
         )
 
-    return Outbox(
-        cfg.serving.outbox_dir,
-        cfg.kafka.interactions_topic,
-        connect,
-        fsync_interval_ms=cfg.serving.outbox_fsync_interval_ms,
-        segment_bytes=cfg.serving.outbox_segment_bytes,
-        max_message_bytes=cfg.kafka.max_message_bytes,
-        max_queued_records=cfg.serving.outbox_max_queued_records,
-        retain=retain,
-    )
+    try:
+        return Outbox(
+            cfg.serving.outbox_dir,
+            cfg.kafka.interactions_topic,
+            connect,
+            fsync_interval_ms=cfg.serving.outbox_fsync_interval_ms,
+            segment_bytes=cfg.serving.outbox_segment_bytes,
+            max_message_bytes=cfg.kafka.max_message_bytes,
+            max_queued_records=cfg.serving.outbox_max_queued_records,
+            retain=retain,
+        )
+    except DirectoryInUse as exc:
+        _refuse(exc)
 
 
 def _run_server(cfg: DynalignConfig, outbox=None) -> None:
@@ -343,6 +347,17 @@ def up(
     from shared.kafka import EmbeddedBroker
 
     cfg = _config(config, model, kafka, host, port, engine_arg, insecure_no_auth, data_dir)
+    if ephemeral and cfg.kafka.bootstrap:
+        raise typer.BadParameter(
+            "the embedded broker's option; with --kafka the cluster keeps the log",
+            param_hint="--ephemeral",
+        )
+    if Path("runs/adapters").is_dir() and not cfg.registry.store.exists():
+        console.print(
+            f"[yellow]./runs/ holds state of an older dynalign; state now lives in "
+            f"{cfg.data_dir} (move runs/adapters, runs/learner and runs/outbox there to keep "
+            "it)[/yellow]"
+        )
     _demo_salt(cfg)
     try:
         check_exposure(cfg)  # before the broker and the learner start
@@ -481,6 +496,7 @@ def learn(
 
     from learner.consumer import FilePromptSource, KafkaPromptSource
     from learner.loop import Learner
+    from shared.files import DirectoryInUse
 
     cfg.model.engine_args = {**cfg.model.engine_args, **_engine_args(engine_arg)}
     cfg = learner_settings(cfg, single_user)
@@ -529,7 +545,10 @@ def learn(
     with _ending_descendants() as (cleanups, stopping):
         learner = Learner(cfg, workdir, source)
         cleanups.callback(learner.close)  # also after a setup that fails part way
-        learner.setup()
+        try:
+            learner.setup()
+        except DirectoryInUse as exc:
+            _refuse(exc)
         console.print(
             f"learner: metrics on :{lc.metrics_port}/metrics, checkpoints in "
             f"{workdir}, candidates in {cfg.registry.store}"

@@ -35,7 +35,7 @@ from learner.grpo import collate, group_advantages, micro_batches, training_inpu
 from learner.policy import apply_lora, grpo_step, lora_layers, make_optimizer
 from learner.rollout import Completion, RolloutEngine, check_fits
 from shared.config import DynalignConfig
-from shared.files import atomic_write
+from shared.files import atomic_write, lock_directory
 from shared.lifecycle import Lifecycle
 from shared.registry import WEIGHTS, base_fingerprint, verify_adapter
 
@@ -117,7 +117,7 @@ class Learner:
         from shared.engine import resolve_model_path
 
         lc = self.cfg.learner
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._workdir_lock = lock_directory(self.workdir, "the learner workdir")
         torch.manual_seed(lc.seed)
         self.model_path = resolve_model_path(self.cfg.model)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -197,9 +197,9 @@ class Learner:
             return None
         # A pause holds the next batch. In flight is set before the pause check, so whoever
         # paused and then reads 0 knows no step will start.
-        metrics.STEP_IN_FLIGHT.set(1)
-        t0 += self._wait_while_paused()  # the batch's time does not count the pause
         try:
+            metrics.STEP_IN_FLIGHT.set(1)
+            t0 += self._wait_while_paused()  # the batch's time does not count the pause
             return self._step(batch, t0)
         finally:
             metrics.STEP_IN_FLIGHT.set(0)

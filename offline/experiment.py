@@ -106,12 +106,13 @@ class ExperimentReport(BaseModel):
     versions: list[VersionResult]  # base and up to --max-versions of them, evaluated
 
 
-def learner_metric(metrics_url: str, name: str) -> float:
-    """A sample's value on the learner's /metrics (0 while the learner is not up)."""
+def learner_metric(metrics_url: str, name: str) -> float | None:
+    """A sample's value on the learner's /metrics; 0 before it has one; None when the learner
+    does not answer (not up yet, or too busy to within 5 s)."""
     try:
         text = httpx.get(metrics_url, timeout=5).text
     except httpx.HTTPError:
-        return 0.0
+        return None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == name:
@@ -137,21 +138,22 @@ async def drive_traffic(
     them short: on a CPU they take the cores the learner steps on."""
     # A plain client: this is user traffic, to be learned from (Endpoint.client() opts out).
     client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=6)
-    steps_at_start = learner_metric(metrics_url, "dynalign_learner_steps_total")
-    consumed_at_start = learner_metric(metrics_url, "dynalign_learner_records_consumed_total")
+
+    def counter(name: str) -> float:  # 0 while the learner does not answer
+        return learner_metric(metrics_url, name) or 0.0
+
+    steps_at_start = counter("dynalign_learner_steps_total")
+    consumed_at_start = counter("dynalign_learner_records_consumed_total")
     started, sent = time.monotonic(), 0
     cycle = itertools.cycle(enumerate(prompts))
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("learner steps", total=budget_steps)
         while True:
-            steps = learner_metric(metrics_url, "dynalign_learner_steps_total") - steps_at_start
+            steps = counter("dynalign_learner_steps_total") - steps_at_start
             progress.update(task, completed=steps)
             if steps >= budget_steps or time.monotonic() - started > budget_s:
                 break
-            consumed = (
-                learner_metric(metrics_url, "dynalign_learner_records_consumed_total")
-                - consumed_at_start
-            )
+            consumed = counter("dynalign_learner_records_consumed_total") - consumed_at_start
             wanted = max(0, int(consumed) + ahead - sent)
             batch = [next(cycle) for _ in range(wanted)]
             await asyncio.gather(
@@ -193,6 +195,23 @@ def spread(versions: list[int], most: int) -> list[int]:
     return [versions[i] for i in sorted(set(picks))]
 
 
+def wait_for_idle_learner(metrics_url: str, timeout_s: float, silent_s: float = 30.0) -> None:
+    """Until the learner's step in flight (and its gate) is done. A learner that does not answer
+    its /metrics may be busy: waited for, up to `silent_s` in a row (then there is none)."""
+    deadline = time.monotonic() + timeout_s
+    silent_since = None
+    with console.status("waiting for the learner's step in flight"):
+        while (in_flight := learner_metric(metrics_url, "dynalign_learner_step_in_flight")) != 0:
+            now = time.monotonic()
+            silent_since = (silent_since or now) if in_flight is None else None
+            if silent_since is not None and now - silent_since > silent_s:
+                return  # no learner running
+            if now > deadline:
+                console.print("[yellow]the learner's step outlasted the wait; evaluating")
+                return
+            time.sleep(2.0)  # a gauge on another process's /metrics: polled
+
+
 @contextmanager
 def learning_paused(
     lifecycle: Lifecycle, metrics_url: str, timeout_s: float = 900.0
@@ -205,13 +224,7 @@ def learning_paused(
     if mine:
         lifecycle.set_flag("pause-learning", "experiment", "held-out evaluation")
     try:
-        deadline = time.monotonic() + timeout_s
-        with console.status("waiting for the learner's step in flight"):
-            while learner_metric(metrics_url, "dynalign_learner_step_in_flight") > 0:
-                if time.monotonic() > deadline:
-                    console.print("[yellow]the learner's step outlasted the wait; evaluating")
-                    break
-                time.sleep(2.0)  # a gauge on another process's /metrics: polled
+        wait_for_idle_learner(metrics_url, timeout_s)
         yield
     finally:
         if mine:

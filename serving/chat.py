@@ -9,6 +9,7 @@ Kept lean on the hot path: resolution is a dict lookup, logging is a queue put. 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -181,6 +182,7 @@ class Interaction:
     created_at: Any = field(default_factory=utc_now)
     ttft_s: float | None = None
     released: bool = False
+    on_disk: asyncio.Future | None = None  # set once the logged record is fsynced
 
     def release(self) -> None:
         """The client's slot is free, and the adapter version may be evicted once no request
@@ -234,8 +236,25 @@ class Interaction:
             ttft_ms=None if self.ttft_s is None else self.ttft_s * 1000,
             finish_reason=choices[0].finish_reason if choices else None,
         )
-        self.state.outbox.append(record)
+        loop = asyncio.get_running_loop()
+        on_disk = loop.create_future()
+
+        def written() -> None:  # the outbox's writer thread
+            loop.call_soon_threadsafe(lambda: on_disk.done() or on_disk.set_result(None))
+
+        if self.state.outbox.append(record, written):
+            self.on_disk = on_disk
         return record.id
+
+    async def logged(self) -> None:
+        """Wait until the logged record is on the outbox's disk, so an answer the client has
+        was never lost by a crash; a stalled disk delays it at most outbox_reply_wait_ms."""
+        if self.on_disk is None:
+            return
+        try:
+            await asyncio.wait_for(self.on_disk, self.state.cfg.serving.outbox_reply_wait_ms / 1000)
+        except TimeoutError:
+            metrics.OUTBOX_REPLY_WAIT_TIMEOUTS.inc()
 
 
 async def start_interaction(
@@ -310,6 +329,7 @@ async def serve_chat(interaction: Interaction, raw_request: Request):
         record_id = interaction.finish(HTTPStatus.OK, choices, usage)
         if record_id:
             headers[INTERACTION_HEADER] = record_id
+            await interaction.logged()
         return result, headers
     if hasattr(result, "error"):  # vLLM's ErrorResponse
         interaction.log_for_training = False
@@ -365,7 +385,11 @@ async def logged_stream(
         finish: dict[int, str | None] = {}
         usage: Usage | None = None
         failed = False
+        done = None  # vLLM's last chunk: sent once the record is on disk
         async for chunk in chunks:
+            if chunk.startswith("data: [DONE]"):
+                done = chunk
+                continue
             if chunk.startswith("data: {"):
                 payload = json.loads(chunk[6:])
                 if "error" in payload:
@@ -387,12 +411,15 @@ async def logged_stream(
         if failed:
             interaction.log_for_training = False
             interaction.finish(HTTPStatus.INTERNAL_SERVER_ERROR, [], usage)
-            return
-        indices = sorted(set(texts) | set(finish))
-        choices = [
-            Choice(index=i, content="".join(texts.get(i, [])), finish_reason=finish.get(i))
-            for i in indices
-        ]
-        interaction.finish(HTTPStatus.OK, choices, usage)
+        else:
+            indices = sorted(set(texts) | set(finish))
+            choices = [
+                Choice(index=i, content="".join(texts.get(i, [])), finish_reason=finish.get(i))
+                for i in indices
+            ]
+            interaction.finish(HTTPStatus.OK, choices, usage)
+            await interaction.logged()
+        if done is not None:
+            yield done
     finally:  # also when the client disconnects mid-stream (the generator is closed)
         interaction.release()

@@ -65,6 +65,11 @@ OUTBOX_DEAD_LETTERED = Counter(
     "(an unreadable segment line).",
     ["reason"],
 )
+OUTBOX_REPLY_WAIT_TIMEOUTS = Counter(
+    "dynalign_outbox_reply_wait_timeouts_total",
+    "Answers sent before their record reached the outbox's disk: the disk stalled past "
+    "serving.outbox_reply_wait_ms (a crash then could lose the record).",
+)
 OUTBOX_RESEEDED = Counter(
     "dynalign_outbox_reseeded_records_total",
     "Records the outbox sent again to an embedded broker that restarted empty (Outbox.reseed).",

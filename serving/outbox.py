@@ -2,6 +2,7 @@
 fails or slows a chat response and nothing is lost while the broker is away.
 
     append() ─bounded queue─▶ writer ─(write + fsync, in batches)─▶ segment-000001.jsonl …
+      ▲ on_disk() once fsynced: the server answers then
       └ full: dropped, counted ├─ unserialisable, oversized ─▶ dead-letter.jsonl     │
                                ├─ notify ─▶ forwarder ◀─ windows of ≤ 1000 records ──┘
                                │             ├─ acks=all, idempotent ─▶ dynalign.interactions
@@ -54,11 +55,12 @@ from pydantic import BaseModel
 
 from serving import metrics
 from shared.config import KafkaConfig, ServingConfig
-from shared.files import atomic_write, fsync_path
+from shared.files import atomic_write, fsync_path, lock_directory
 from shared.schemas import SCHEMA_VERSION_HEADER, InteractionRecord, utc_now
 
 log = logging.getLogger(__name__)
 
+OnDisk = Callable[[], None] | None
 CURSOR_FILE = "acked.json"
 DEAD_LETTER_FILE = "dead-letter.jsonl"
 # What the writer takes per fsync and the forwarder reads and sends per round: bounds memory.
@@ -83,8 +85,9 @@ class Reseeded:
 
     records: int
     seconds: float
-    ends: dict[int, int]
+    ends: dict[int, int]  # at the cursor, to compare with `expected`
     expected: dict[int, int] | None
+    garbled: int  # retained lines that no longer parse (damaged on disk since)
 
     @property
     def offsets_match(self) -> bool | None:
@@ -146,7 +149,7 @@ class Outbox:
         retain: bool = False,
     ) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_directory(self.directory, "the outbox")  # released by close()
         self.topic = topic
         self._producer_factory = producer_factory
         self._fsync_interval_s = fsync_interval_ms / 1000
@@ -154,7 +157,10 @@ class Outbox:
         self._max_message_bytes = max_message_bytes
         self._retain = retain
 
-        self._incoming: queue.Queue[InteractionRecord | None] = queue.Queue(max_queued_records)
+        # (record, on_disk) pairs; None wakes the writer at close().
+        self._incoming: queue.Queue[tuple[InteractionRecord, OnDisk] | None] = queue.Queue(
+            max_queued_records
+        )
         self._dropping = False  # between the first drop of a full queue and the next accept
         self._write_error: str | None = None  # the last write failure, until a write succeeds
         self._closing = threading.Event()  # close(): the writer empties the queue and ends
@@ -183,12 +189,13 @@ class Outbox:
         self._forwarder.start()
         return self
 
-    def append(self, record: InteractionRecord) -> None:
-        """Never blocks and never raises: the writer thread serialises and persists. While the
-        queue is full (the disk refuses writes, or the writer cannot keep up) the record is
-        dropped and counted (dynalign_outbox_dropped_total{reason="queue_full"})."""
+    def append(self, record: InteractionRecord, on_disk: OnDisk = None) -> bool:
+        """Never blocks and never raises: the writer thread serialises and persists the record,
+        then calls `on_disk` (in its thread) once it is fsynced or set aside. While the queue is
+        full (the disk refuses writes, or the writer cannot keep up) the record is dropped and
+        counted (dynalign_outbox_dropped_total{reason="queue_full"}), and False returned."""
         try:
-            self._incoming.put_nowait(record)
+            self._incoming.put_nowait((record, on_disk))
         except queue.Full:
             metrics.OUTBOX_DROPPED.labels("queue_full").inc()
             if not self._dropping:
@@ -198,8 +205,9 @@ class Outbox:
                     self._incoming.maxsize,
                     self._write_error or "writer behind",
                 )
-            return
+            return False
         self._dropping = False
+        return True
 
     @property
     def depth(self) -> int:
@@ -249,22 +257,24 @@ class Outbox:
             self._durable.notify_all()
         if self._forwarder.is_alive():
             self._forwarder.join(timeout=5)
+        self._lock.close()  # releases the directory
 
-    def reseed(self, attempts: int = 5) -> Reseeded:
-        """Send every retained record up to the cursor again, before start(), to a broker that
-        lost them: the embedded one, whose storage is memory, after a restart. One producer
-        sends them in the order they were first acknowledged, and a record's partition follows
-        from its key, so every partition gets back the records it held in the order it held
-        them: the same offsets, which the learner's checkpoints and consumer groups point at.
-        Checked against the partition ends the cursor recorded; they differ if a retained line
-        was damaged since (dead-lettered now as garbled) or the first broker held a record
-        twice (a send retried by a new producer after a timeout). The forwarder then sends
-        what is past the cursor, as after any restart.
+    def reseed(self) -> Reseeded:
+        """Send every retained record again, before start(), to a broker that lost them: the
+        embedded one, whose storage is memory, after a restart. One producer sends them in the
+        order they were first acknowledged, and a record's partition follows from its key, so
+        every partition gets back the records it held in the order it held them: the same
+        offsets, which the learner's checkpoints and consumer groups point at. Checked at the
+        cursor against the partition ends it recorded; they differ if a retained line was
+        damaged since, or the first broker held a record twice (a send retried by a new
+        producer after a timeout). Records past the cursor (never acknowledged) follow, so the
+        whole log is back before anyone reads it. Raises if the broker refuses: a retry could
+        store a record twice, and a half-seeded log is worse than none.
 
         Kafka itself keeps its log; this is for a broker without storage, so that the outbox,
         which has every record on disk anyway, is the log's storage (`dynalign up`)."""
         started = time.monotonic()
-        segments = [seq for seq in self._segments() if seq <= self._cursor[0]]
+        segments = self._segments()
         if segments and segments[0] > 1:
             log.warning(
                 "outbox: segments before %d were deleted (an outbox that did not retain them); "
@@ -272,40 +282,63 @@ class Outbox:
                 segments[0],
             )
         expected = dict(self._partition_ends) or None
+        at_cursor: dict[int, int] | None = None
         ends: dict[int, int] = {}
-        window: list[_Entry] = []
-        lines = self._lines((segments[0], 0), self._cursor) if segments else iter(())
-        records = 0
+        records = garbled = 0
+        last: _Entry | None = None
+        lines = self._lines((segments[0], 0), self._durable_end) if segments else iter(())
         producer = self._producer_factory()
         try:
-            while True:
-                while len(window) < WINDOW_RECORDS and (line := next(lines, None)):
-                    window.append(self._entry(*line))
-                if not window:
-                    break
-                for attempt in range(attempts):
-                    settled, error = self._send(producer, window, ends, resend=True)
-                    records += sum(e.value is not None for e in window[:settled])
-                    window = window[settled:]
-                    if error is None:
-                        break
-                    if attempt == attempts - 1:
+            while window := self._reseed_window(lines):
+                acked = [e for e in window if (e.segment, e.end_offset) <= self._cursor]
+                for part, resend in ((acked, True), (window[len(acked) :], False)):
+                    if not part:
+                        continue
+                    if not resend and at_cursor is None:
+                        at_cursor = dict(ends)  # every acknowledged record is back
+                    _, error = self._send(producer, part, ends, resend=resend)
+                    if error is not None:
                         raise RuntimeError(f"outbox: re-seeding the broker failed: {error!r}")
-                    log.warning("outbox: re-seeding: %s; retrying", error)
-                    time.sleep(0.5 * 2**attempt)
+                    records += sum(e.value is not None for e in part)
+                    garbled += sum(e.value is None for e in part) if resend else 0
+                last = window[-1]
         finally:
             producer.close(timeout=5)
-        self._partition_ends = ends
+        if last is not None:  # everything on disk is acknowledged now
+            with self._durable:
+                self._unsettled = 0
+            self._partition_ends = ends
+            self._save_cursor(last)
+            self._read_pos = self._cursor
         metrics.OUTBOX_RESEEDED.inc(records)
-        done = Reseeded(records, time.monotonic() - started, ends, expected)
+        done = Reseeded(
+            records, time.monotonic() - started, ends if at_cursor is None else at_cursor,
+            expected, garbled,
+        )  # fmt: skip
+        if garbled:
+            log.error("outbox: %d retained lines no longer parse; they are not in the log", garbled)
         if done.offsets_match is False:
             log.error(
                 "outbox: re-seeded partition ends %s differ from those first acknowledged %s: "
                 "offsets after the difference are shifted",
-                ends,
+                done.ends,
                 expected,
             )
         return done
+
+    def _reseed_window(self, lines: Iterator[tuple]) -> list[_Entry]:
+        """The next lines, bounded like the forwarder's windows. A garbled line behind the
+        cursor is only counted by reseed(): it was dead-lettered when first read, or was
+        damaged since; one past the cursor is read for the first time."""
+        window: list[_Entry] = []
+        size = 0
+        for seq, end_offset, line in lines:
+            first_read = (seq, end_offset) > self._cursor
+            window.append(self._entry(seq, end_offset, line, dead_letter=first_read))
+            size += len(line)
+            if len(window) == WINDOW_RECORDS or size >= WINDOW_BYTES:
+                break
+        return window
 
     # -- start-up -------------------------------------------------------------------------------
     def _segments(self) -> list[int]:
@@ -318,7 +351,7 @@ class Outbox:
         try:
             data = json.loads(path.read_bytes())
             seq, offset = int(data["segment"]), int(data["offset"])
-            self._partition_ends = {int(p): int(o) for p, o in data.get("partitions", {}).items()}
+            ends = {int(p): int(o) for p, o in data.get("partitions", {}).items()}
         except FileNotFoundError:
             return 0, 0
         except (ValueError, KeyError, TypeError) as exc:
@@ -336,6 +369,12 @@ class Outbox:
                 size,
             )
             return 0, 0
+        self._partition_ends = ends
+        if data.get("retain") and not self._retain:
+            # A log kept for an embedded broker is never trimmed by a later run that would not
+            # keep it (`up --ephemeral`, `--kafka`, `serve` on the same directory).
+            log.info("outbox: %s holds a retained log: it stays retained", self.directory)
+            self._retain = True
         return seq, offset
 
     def _recover(self) -> tuple[int, int, int]:
@@ -412,14 +451,18 @@ class Outbox:
     # -- writer ---------------------------------------------------------------------------------
     def _write_loop(self) -> None:
         while not (self._closing.is_set() and self._incoming.empty()):
-            lines = [line for record in self._take_batch() if (line := self._serialise(record))]
+            batch = self._take_batch()
+            lines = [line for record, _ in batch if (line := self._serialise(record))]
             if lines and not self._write(lines):
                 break  # close() gave up on a disk that refuses writes
+            for _, on_disk in batch:
+                if on_disk is not None:
+                    on_disk()
         os.close(self._segment_fd)
 
-    def _take_batch(self) -> list[InteractionRecord]:
+    def _take_batch(self) -> list[tuple[InteractionRecord, OnDisk]]:
         """The next record and whatever follows within one fsync interval (one fsync for all)."""
-        batch: list[InteractionRecord] = []
+        batch: list[tuple[InteractionRecord, OnDisk]] = []
         deadline = None
         while len(batch) < WINDOW_RECORDS:
             try:
@@ -585,7 +628,7 @@ class Outbox:
                 return
             seq, offset = seq + 1, 0
 
-    def _entry(self, seq: int, end_offset: int, line: bytes) -> _Entry:
+    def _entry(self, seq: int, end_offset: int, line: bytes, dead_letter: bool = True) -> _Entry:
         # Key, id and version come from the JSON, so forwarding needs nothing but the segments.
         try:
             fields = json.loads(line)
@@ -593,6 +636,8 @@ class Outbox:
                 fields["conversation_id"], fields["id"], fields["schema_version"]
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            if not dead_letter:
+                return _Entry(seq, end_offset)
             segment = _segment_path(self.directory, seq).name
             self._dead_letter(
                 "garbled",
@@ -648,6 +693,16 @@ class Outbox:
                 return settled, exc
         return len(outcomes), None
 
+    def _save_cursor(self, last: _Entry) -> None:
+        cursor = {
+            "segment": last.segment,
+            "offset": last.end_offset,
+            "partitions": self._partition_ends,
+            "retain": self._retain,
+        }
+        atomic_write(self.directory / CURSOR_FILE, json.dumps(cursor).encode())
+        self._cursor = (last.segment, last.end_offset)
+
     def _advance(self, settled: list[_Entry]) -> None:
         """Move the cursor over settled entries; delete segments wholly behind it (unless
         retained)."""
@@ -656,17 +711,13 @@ class Outbox:
         with self._durable:
             self._unsettled -= len(settled)
         last = settled[-1]
-        cursor = json.dumps(
-            {"segment": last.segment, "offset": last.end_offset, "partitions": self._partition_ends}
-        ).encode()
         try:
-            atomic_write(self.directory / CURSOR_FILE, cursor)
+            self._save_cursor(last)
         except OSError as exc:  # a full disk: the old cursor stays, later records resend
             log.warning(
                 "outbox: cannot save the cursor (%s); a restart resends from %s", exc, self._cursor
             )
             return
-        self._cursor = (last.segment, last.end_offset)
         if self._retain:
             return
         for seq in self._segments():

@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+
+class DirectoryInUse(RuntimeError):
+    """Another process holds the directory (lock_directory)."""
+
+
+def lock_directory(directory: Path, what: str) -> BinaryIO:
+    """An exclusive lock on `directory` for this process, held until the returned file is
+    closed (or the process ends, however it ends). Raises DirectoryInUse naming `what`: two
+    writers of one outbox or one learner workdir would interleave their files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = (directory / ".lock").open("ab")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise DirectoryInUse(
+            f"{what} {directory} is in use by another dynalign process; give each its own "
+            "(--data-dir or DYNALIGN_DATA_DIR)"
+        ) from None
+    return lock
 
 
 def file_sha256(path: Path) -> str:

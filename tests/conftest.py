@@ -59,6 +59,7 @@ class ServerProcess:
     process: subprocess.Popen
     log_path: Path
     outbox_dir: Path
+    data_dir: Path
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -97,11 +98,12 @@ def start_server(
 ) -> ServerProcess:
     port = free_port()
     outbox = workdir / "outbox"
+    data_dir = workdir / "data"
     log_path = workdir / "server.log"
     full_env = {
         **os.environ,
         "DYNALIGN_MODEL__MAX_MODEL_LEN": "512",
-        "DYNALIGN_DATA_DIR": str(workdir / "data"),
+        "DYNALIGN_DATA_DIR": str(data_dir),
         "DYNALIGN_SERVING__OUTBOX_DIR": str(outbox),
         "DYNALIGN_SERVING__API_KEYS": json.dumps([API_KEY]),
         "DYNALIGN_SERVING__MAX_REQUEST_BYTES": str(256 * 1024),
@@ -117,7 +119,7 @@ def start_server(
         process = subprocess.Popen(
             args, cwd=workdir, env=full_env, stdout=log, stderr=subprocess.STDOUT
         )
-    server = ServerProcess(f"http://127.0.0.1:{port}", process, log_path, outbox)
+    server = ServerProcess(f"http://127.0.0.1:{port}", process, log_path, outbox, data_dir)
     deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:

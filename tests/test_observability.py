@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from shared.config import LearnerConfig, RegistryConfig, ServingConfig
+from shared.config import LearnerConfig, ServingConfig
 from shared.kafka import free_port
 from tests.conftest import API_KEY, REPO
 
@@ -409,7 +409,7 @@ def refused_swap(server, tiny_model: Path) -> None:
     from shared.registry import Registry
     from tests.synthetic import publish_random
 
-    store = server.outbox_dir.parent / RegistryConfig().store  # the server's cwd + the default
+    store = server.data_dir / "adapters"  # the default, in the server's data directory
     registry = Registry(store)
     before = registry.read_state().live
     version = publish_random(registry, tiny_model, seed=5, fingerprint="0" * 64).version
