@@ -55,6 +55,7 @@ from shared.kafka import (  # noqa: E402
 from shared.registry import Registry  # noqa: E402
 
 API_KEY = "rehearsal-key"
+VICTIM = 1  # the replica killed
 OPERATOR = "rehearsal-operator"
 HAPROXY_CONFIG = """\
 global
@@ -230,6 +231,8 @@ def rehearse(model: Path, work: Path, replicas: int = 3, clients: int = 2) -> di
                 "DYNALIGN_SERVING__USER_HASH_SALT": "one-salt-for-every-replica",
                 "DYNALIGN_SERVING__RATE_LIMIT_PER_CLIENT": "1000",
             }
+            if i == VICTIM:  # a long group commit: an answer sent before its fsync would be lost
+                env["DYNALIGN_SERVING__OUTBOX_FSYNC_INTERVAL_MS"] = "400"
             log = work / f"replica-{i}" / "serve.log"
             servers.append(Process(f"replica-{i}", ["serve", "--port", str(port)], env, log))
         learner_port = free_port()
@@ -285,11 +288,24 @@ def rehearse(model: Path, work: Path, replicas: int = 3, clients: int = 2) -> di
 
             # A replica dies (engine and all) mid-request and comes back on its outbox.
             wait_for(lambda: len(load.accepted) >= 10, "traffic", 120)
-            victim = servers[1]
+            # Killed the moment it has streamed an answer of its own (and with others in flight):
+            # the answer's record must survive, since the client has it.
+            victim = servers[VICTIM]
+            last_words = f"last words {time.time()}"
+            request = httpx.Request(
+                "POST",
+                f"{urls[VICTIM]}/v1/chat/completions",
+                headers={"Authorization": f"Bearer {API_KEY}"},
+                json={"model": "dynalign", "max_tokens": 2, "stream": True,
+                      "messages": [{"role": "user", "content": last_words}]},
+            )  # fmt: skip
+            with httpx.Client(timeout=60) as direct:
+                streamed = direct.send(request).text
             victim.kill9()
+            assert streamed.rstrip().endswith("[DONE]"), streamed
             events.append({"event": f"kill -9 {victim.name}", "at_s": time.monotonic() - started})
             victim.start()
-            back = wait_for(lambda: healthy(urls[1]), "replica back", 300, victim)
+            back = wait_for(lambda: healthy(urls[VICTIM]), "replica back", 300, victim)
             events.append({"event": f"{victim.name} healthy again", "after_s": round(back, 1)})
 
             # The learner dies after a version and comes back from its checkpoint.
@@ -326,11 +342,12 @@ def rehearse(model: Path, work: Path, replicas: int = 3, clients: int = 2) -> di
                 wait_for(lambda u=u: metric(u, "dynalign_outbox_depth_records") == 0,
                          "outbox drained", 120)  # fmt: skip
             topic = KafkaConfig().interactions_topic
-            logged = [
-                json.loads(m.value)["id"]
+            records = [
+                json.loads(m.value)
                 for m in read_range(broker.bootstrap, topic,
                                     *range_offsets(broker.bootstrap, topic, None, None))
             ]  # fmt: skip
+            logged = [r["id"] for r in records]
             registry = Registry(store)
             trained = [
                 (key, offset)
@@ -349,6 +366,9 @@ def rehearse(model: Path, work: Path, replicas: int = 3, clients: int = 2) -> di
                 "retried_attempts": load.attempts - load.requests,
                 "accepted": len(load.accepted),
                 "lost": len(set(load.accepted) - set(logged)),
+                "killed_replicas_last_answer_logged": any(
+                    r["messages"][-1]["content"] == last_words for r in records
+                ),
                 "duplicates_in_topic": len(logged) - len(set(logged)),
                 "promote_converged_s": round(promote_s, 3),
                 "rollback_converged_s": round(rollback_s, 3),
