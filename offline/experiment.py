@@ -95,14 +95,23 @@ class GateRecord(BaseModel):
     score_margin: float | None
 
 
+class RewardPoint(BaseModel):
+    """The learner's own mean self-reward at a checkpoint it published."""
+
+    version: int
+    steps: int
+    self_reward: float
+
+
 class ExperimentReport(BaseModel):
     base_url: str
     judge: str
     heldout_prompts: int
     ifeval_prompts: int
     traffic: dict[str, Any]
-    evaluation_seconds: float  # this invocation's; a resumed run counts only what it evaluated
+    evaluation_seconds: float  # summed over the invocations of a resumed run
     promoted: list[GateRecord]  # every version that went live, in order
+    reward_curve: list[RewardPoint]  # every version the learner published
     versions: list[VersionResult]  # base and up to --max-versions of them, evaluated
 
 
@@ -367,6 +376,14 @@ def evaluate_version(
     )
 
 
+def evaluation_time(out: Path, seconds: float) -> float:
+    """This invocation's evaluation seconds added to those of the runs it resumes."""
+    path = out / "experiment" / "evaluation-seconds.json"
+    total = (json.loads(path.read_text())["seconds"] if path.exists() else 0.0) + seconds
+    path.write_text(json.dumps({"seconds": total}) + "\n")
+    return total
+
+
 def write_report(report: ExperimentReport, out: Path) -> None:
     """alignment.json, report.png (self-reward by step, held-out score vs base, win rate vs
     base, IFEval, each version with its 95% CI) and summary.md."""
@@ -379,9 +396,13 @@ def write_report(report: ExperimentReport, out: Path) -> None:
     figure = Figure(figsize=(11, 7), dpi=100)
     FigureCanvasAgg(figure)
     (curve, score), (wins, ife) = figure.subplots(2, 2)
-    trained = [r for r in rows if r.version is not None and r.self_reward is not None]
-    curve.plot([r.steps for r in trained], [r.self_reward for r in trained], marker="o")
-    curve.set(title="self-reward at each promoted version", xlabel="learner step", ylabel="0-5")
+    points = report.reward_curve
+    curve.plot([p.steps for p in points], [p.self_reward for p in points], marker="o")
+    for p in points:
+        curve.annotate(f"v{p.version}", (p.steps, p.self_reward), textcoords="offset points",
+                       xytext=(0, 6), ha="center")  # fmt: skip
+    curve.set(title="training: self-reward at each published version", xlabel="learner step",
+              ylabel="0-5")  # fmt: skip
 
     def bars(axes, values, cis, title, ylabel):
         x = np.arange(len(rows))
@@ -394,7 +415,7 @@ def write_report(report: ExperimentReport, out: Path) -> None:
         ]
         axes.bar(x, heights, yerr=[low, high], capsize=4, color="#3b6ea8")
         axes.set_xticks(x, names)
-        axes.set(title=title, ylabel=ylabel)
+        axes.set(title=title, ylabel=ylabel, xlim=(-0.5, len(rows) - 0.5))
 
     bars(
         score,
@@ -412,6 +433,11 @@ def write_report(report: ExperimentReport, out: Path) -> None:
         "share of consistent pairs",
     )
     wins.axhline(0.5, color="grey", linewidth=0.8)
+    wins.set_ylim(0, 1)
+    for x, r in enumerate(rows):
+        if r.version is not None and r.win_rate is None and r.inconsistent_share is not None:
+            wins.text(x, 0.5, f"no consistent pair\n({r.inconsistent_share:.0%} inconsistent)",
+                      ha="center", va="bottom")  # fmt: skip
     bars(
         ife,
         [r.ifeval_strict for r in rows],
@@ -588,8 +614,13 @@ def experiment_command(
         heldout_prompts=len(heldout),
         ifeval_prompts=len(examples),
         traffic=traffic,
-        evaluation_seconds=time.monotonic() - evaluation_started,
+        evaluation_seconds=evaluation_time(out, time.monotonic() - evaluation_started),
         promoted=gates,
+        reward_curve=[
+            RewardPoint(version=v, steps=m.steps, self_reward=m.metrics["reward_mean"])
+            for v in registry.versions()
+            if "reward_mean" in (m := registry.manifest(v)).metrics
+        ],
         versions=rows,
     )
     write_report(report, out)

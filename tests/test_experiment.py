@@ -142,6 +142,9 @@ def test_experiment_reports_promoted_versions_against_base(tmp_path, tiny_model)
     assert 0 <= base["truncated_share"] <= 1
     # Every promoted version with the gate's verdict; only the last one evaluated (--max-versions).
     promoted = report["promoted"]
+    curve = report["reward_curve"]  # the learner's self-reward at every version it published
+    assert [p["version"] for p in curve] == sorted(p["version"] for p in curve) and curve
+    assert {g["version"] for g in promoted} <= {p["version"] for p in curve}
     assert promoted and all(g["outcome"] == "pass" for g in promoted), promoted
     assert [row["version"] for row in versions] == [promoted[-1]["version"]]
     fields = set(VersionResult.model_fields)
