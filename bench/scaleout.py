@@ -56,6 +56,7 @@ from shared.registry import Registry  # noqa: E402
 
 API_KEY = "rehearsal-key"
 VICTIM = 1  # the replica killed
+THINK_S = 0.2  # each client's pause between requests: load that leaves a restart some CPU
 OPERATOR = "rehearsal-operator"
 HAPROXY_CONFIG = """\
 global
@@ -172,7 +173,7 @@ class Load:
         client = OpenAI(base_url=f"{self.base_url}/v1", api_key=API_KEY, max_retries=3,
                         http_client=http)  # fmt: skip
         n = 0
-        while not self.stop.is_set():
+        while not self.stop.wait(THINK_S):
             n += 1
             try:
                 response = client.chat.completions.with_raw_response.create(
@@ -255,11 +256,14 @@ def rehearse(model: Path, work: Path, replicas: int = 3, clients: int = 2) -> di
         )
         urls = [f"http://127.0.0.1:{p}" for p in ports]
         try:
-            # One at a time: a vLLM CPU worker starting beside a busy engine can starve.
+            # One at a time, the learner's engine too, before any load: a vLLM CPU worker
+            # starting beside busy engines can starve for minutes.
             for server, url in zip(servers, urls, strict=True):
                 processes.append(server.start())
                 wait_for(lambda u=url: healthy(u), f"{server.name} healthy", 300, server)
             processes.append(learner.start())
+            wait_for(lambda: "learner: metrics on" in learner.log.read_text(errors="replace"),
+                     "the learner's engine", 300, learner)  # fmt: skip
             lb_port = free_port()
             config = work / "haproxy.cfg"
             config.write_text(

@@ -254,7 +254,7 @@ class Interaction:
         try:
             await asyncio.wait_for(self.on_disk, self.state.cfg.serving.outbox_reply_wait_ms / 1000)
         except TimeoutError:
-            metrics.OUTBOX_REPLY_WAIT_TIMEOUTS.inc()
+            metrics.OUTBOX_REPLIES_BEFORE_DISK.inc()
 
 
 async def start_interaction(

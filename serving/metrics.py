@@ -65,8 +65,8 @@ OUTBOX_DEAD_LETTERED = Counter(
     "(an unreadable segment line).",
     ["reason"],
 )
-OUTBOX_REPLY_WAIT_TIMEOUTS = Counter(
-    "dynalign_outbox_reply_wait_timeouts_total",
+OUTBOX_REPLIES_BEFORE_DISK = Counter(
+    "dynalign_outbox_replies_before_disk_total",
     "Answers sent before their record reached the outbox's disk: the disk stalled past "
     "serving.outbox_reply_wait_ms (a crash then could lose the record).",
 )
