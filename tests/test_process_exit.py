@@ -155,7 +155,7 @@ def test_up_learns_ends_on_ctrl_c_and_restarts_with_its_whole_log(tmp_path, tiny
         process = start(args, tmp_path, env, log)
         try:
             base = f"http://127.0.0.1:{port}"
-            wait_until(lambda: answers(f"{base}/health"), "server", process, log, 240)
+            wait_until(lambda: answers(f"{base}/health") is not None, "server", process, log, 240)
             client = OpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0)
             for text in prompts:  # one step's two prompts
                 response = client.chat.completions.with_raw_response.create(
