@@ -394,7 +394,8 @@ def up(
             + f"\n  chat       {base}/v1/chat/completions  model='{cfg.model.served_name}'"
             f"\n  models     {base}/v1/models\n  metrics    {base}/metrics (server), "
             f"http://127.0.0.1:{cfg.learner.metrics_port}/metrics (learner)"
-            f"\n  outbox     {cfg.serving.outbox_dir.resolve()}"
+            f"\n  outbox     {cfg.serving.outbox_dir.resolve()}",
+            soft_wrap=True,
         )
         # Stopped before the broker: cleanups run last-registered first.
         cleanups.callback(_stop_child, _spawn_learner(cfg, config, engine_arg))
