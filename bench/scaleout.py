@@ -308,9 +308,25 @@ def rehearse(model: Path, work: Path, replicas: int = 3, clients: int = 2) -> di
             victim.kill9()
             assert streamed.rstrip().endswith("[DONE]"), streamed
             events.append({"event": f"kill -9 {victim.name}", "at_s": time.monotonic() - started})
+
+            def converged(version: int, replicas: list[str]) -> bool:
+                return all(metric(u, "dynalign_live_adapter_version") == version for u in replicas)
+
+            # While it is down an operator promotes with the CLI (files + control topic); the
+            # live replicas follow, and the victim comes back serving the new version.
+            alive = [u for i, u in enumerate(urls) if i != VICTIM]
+            subprocess.run(
+                [sys.executable, "-m", "dynalign", "adapters", "promote", str(promoted),
+                 "--store", str(store), "--kafka", broker.bootstrap, "--reason", "rehearsal"],
+                env=common, check=True, capture_output=True, timeout=120,
+            )  # fmt: skip
+            t0 = time.monotonic()
+            wait_for(lambda: converged(promoted, alive), "promote on the live replicas", 30)
+            promote_s = time.monotonic() - t0
             victim.start()
             back = wait_for(lambda: healthy(urls[VICTIM]), "replica back", 300, victim)
             events.append({"event": f"{victim.name} healthy again", "after_s": round(back, 1)})
+            restarted_on_live = metric(urls[VICTIM], "dynalign_live_adapter_version") == promoted
 
             # The learner dies after a version and comes back from its checkpoint.
             def versions() -> int:
@@ -323,20 +339,14 @@ def rehearse(model: Path, work: Path, replicas: int = 3, clients: int = 2) -> di
             back = wait_for(lambda: versions() >= 3, "a version after", 300, learner)
             events.append({"event": "learner published again", "after_s": round(back, 1)})
 
-            # Promote through one replica; every replica must serve it, then the rollback.
-            def converged(version: int) -> bool:
-                return all(metric(u, "dynalign_live_adapter_version") == version for u in urls)
-
-            headers = {"Authorization": f"Bearer {OPERATOR}"}
+            # A rollback through one replica's admin API: every replica follows.
             t0 = time.monotonic()
-            httpx.post(f"{urls[0]}/admin/adapters/{promoted}/promote", json={},
-                       headers=headers, timeout=60).raise_for_status()  # fmt: skip
-            wait_for(lambda: converged(promoted), "promote everywhere", 30)
-            promote_s = time.monotonic() - t0
-            t0 = time.monotonic()
-            httpx.post(f"{urls[2]}/admin/adapters/rollback", json={}, headers=headers,
-                       timeout=60).raise_for_status()  # fmt: skip
-            wait_for(lambda: converged(0), "rollback everywhere", 30)
+            operator = {"Authorization": f"Bearer {OPERATOR}"}
+            rollback = httpx.post(
+                f"{urls[-1]}/admin/adapters/rollback", json={}, headers=operator, timeout=60
+            )
+            rollback.raise_for_status()
+            wait_for(lambda: converged(0, urls), "rollback everywhere", 30)
             rollback_s = time.monotonic() - t0
 
             load.stop.set()
@@ -375,6 +385,7 @@ def rehearse(model: Path, work: Path, replicas: int = 3, clients: int = 2) -> di
                 ),
                 "duplicates_in_topic": len(logged) - len(set(logged)),
                 "promote_converged_s": round(promote_s, 3),
+                "restarted_replica_serves_live": restarted_on_live,
                 "rollback_converged_s": round(rollback_s, 3),
                 "learner_versions": len(registry.versions()) - 1,
                 "offsets_trained_twice": len(trained) - len(set(trained)),
