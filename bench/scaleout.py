@@ -18,6 +18,12 @@ drain; duplicates are counted, consumers deduplicate by id), the time from the p
 rollback until every replica serves the new live version, and whether the restarted learner
 built two versions from the same offsets.
 
+Status: not yet passing on a 2-core machine. With three replicas serving, the learner training
+and the clients chatting, the killed replica's vLLM engine, started again, did not get past its
+worker's initialisation in 5 minutes (the starvation shared/engine.cpu_thread_binding
+describes), so the script stops at "replica back". It needs more cores, or a lighter load
+during restarts; not run in CI until it passes.
+
 Not rehearsed: killing the broker. Tansu here stores in memory or on S3, and the S3 servers the
 package registries carry are not storage to run a broker on (moto 5.2 behind Tansu 0.6 reported
 every partition's end as offset 1; see README "Interaction log"), so a killed broker would come
