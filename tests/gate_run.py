@@ -31,6 +31,7 @@ def main() -> None:
     cfg = load_config(
         model={"path": model, "max_model_len": 1024},
         learner={
+            "profile": "paper",  # v1 is one small step at the paper's lr
             "max_new_tokens": 16,
             "batch_completions": 16,
             "checkpoint_every_steps": 1,
