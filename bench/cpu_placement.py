@@ -1,13 +1,14 @@
-"""CPU thread placement for the two vLLM engines of `dynalign up` (the server's and the learner's
-rollout engine): tokens/s of each, alone and running at once, per VLLM_CPU_OMP_THREADS_BIND.
-Writes JSON.
+"""CPU placement for the two vLLM engines of `dynalign up` (the server's and the learner's
+rollout engine): tokens/s of each, alone and running at once. Writes JSON.
 
     python bench/cpu_placement.py              # SmolLM2-135M-Instruct, float32 (the CPU default)
 
-vLLM's `auto` binding gives each CPU engine the cores of one NUMA node minus one it reserves;
-on a 2-core machine both engines then bind to core 0. Each engine runs in its own process with
-its own binding, loads, warms up, and waits; all engines of a scenario then generate the same
-batch (32 sequences x 128 tokens, EOS ignored) at the same moment.
+Placements: dynalign's (the model in the engine-core process, a thread per core with a short
+OpenMP spin: shared/engine.set_openmp_environment), and vLLM's default (a worker process per
+engine; its `auto` binding gives each engine the cores of one NUMA node minus one it reserves,
+on a 2-core machine core 0 for both; or every core for each). Each engine runs in its own
+process, loads, warms up, and waits; all engines of a scenario then generate the same batch
+(32 sequences x 128 tokens, EOS ignored) at the same moment.
 """
 
 from __future__ import annotations
@@ -25,12 +26,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 MARK = "PLACEMENT "  # prefix of the worker's protocol lines on stdout
-SCENARIOS = {  # name: one binding per engine (server first)
-    "alone, auto": ["auto"],
-    "alone, cores 0-1": ["0-1"],
-    "both, auto": ["auto", "auto"],
-    "both, cores 0-1 each": ["0-1", "0-1"],
-    "both, core 0 | core 1": ["0", "1"],
+DYNALIGN: dict[str, str] = {}  # what set_openmp_environment and engine_kwargs set
+WORKER_AUTO = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": "auto"}
+WORKER_ALL_CORES = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(os.sched_getaffinity(0)))),
+}
+SCENARIOS = {  # name: the environment of each engine (server first)
+    "alone, in-process": [DYNALIGN],
+    "alone, worker process, auto": [WORKER_AUTO],
+    "both, in-process": [DYNALIGN, DYNALIGN],
+    "both, in-process, libgomp's default spin": [{"GOMP_SPINCOUNT": "300000"}] * 2,
+    "both, worker processes, auto": [WORKER_AUTO, WORKER_AUTO],
+    "both, worker processes, every core each": [WORKER_ALL_CORES, WORKER_ALL_CORES],
 }
 
 
@@ -61,7 +69,7 @@ def _protocol_line(process: subprocess.Popen) -> str:
     raise RuntimeError(f"engine worker exited with {process.wait()}")
 
 
-def run_scenario(bindings: list[str], sequences: int, max_tokens: int) -> list[dict]:
+def run_scenario(environments: list[dict], sequences: int, max_tokens: int) -> list[dict]:
     workers = [
         subprocess.Popen(
             [
@@ -73,7 +81,7 @@ def run_scenario(bindings: list[str], sequences: int, max_tokens: int) -> list[d
             ],
             env={
                 **os.environ,
-                "VLLM_CPU_OMP_THREADS_BIND": bind,
+                **environment,
                 "VLLM_LOGGING_STREAM": "ext://sys.stderr",
             },
             stdin=subprocess.PIPE,
@@ -82,7 +90,7 @@ def run_scenario(bindings: list[str], sequences: int, max_tokens: int) -> list[d
             cwd=REPO,
             start_new_session=True,  # its engine-core process joins the group we end below
         )  # fmt: skip
-        for bind in bindings
+        for environment in environments
     ]
     try:
         for process in workers:
@@ -98,11 +106,11 @@ def run_scenario(bindings: list[str], sequences: int, max_tokens: int) -> list[d
     return [
         {
             "engine": ("server", "learner")[i],
-            "bind": bind,
+            "environment": environment,
             "tokens_per_s": round(r["tokens"] / r["seconds"], 1),
             **r,
         }
-        for i, (bind, r) in enumerate(zip(bindings, results, strict=True))
+        for i, (environment, r) in enumerate(zip(environments, results, strict=True))
     ]
 
 
@@ -115,10 +123,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args.sequences, args.max_tokens)
+    from shared.engine import set_openmp_environment
+
+    set_openmp_environment()  # every engine's, as the CLI does; a scenario overrides
 
     scenarios = {}
-    for name, bindings in SCENARIOS.items():
-        scenarios[name] = run_scenario(bindings, args.sequences, args.max_tokens)
+    for name, environments in SCENARIOS.items():
+        scenarios[name] = run_scenario(environments, args.sequences, args.max_tokens)
         print(name, [e["tokens_per_s"] for e in scenarios[name]], flush=True)
     result = {
         "benchmark": "cpu_placement",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -138,10 +137,9 @@ def main() -> None:
             args.answer_tokens, Path(args.out),
         )  # fmt: skip
 
-    from shared.engine import cpu_thread_binding
+    from shared.engine import set_openmp_environment
 
-    # One engine alone: every core, as the recorded runs had it (shared/engine.py).
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding())
+    set_openmp_environment()  # for the workers' engines, as the CLI does
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.exists() else {"benchmark": "lora_sweep", "runs": []}
     done.update(

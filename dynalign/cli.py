@@ -343,7 +343,6 @@ def up(
     retains every record it forwarded and gives them back to the broker at start, at the same
     offsets, before the learner starts: a restart keeps the interaction log."""
     from serving.server import InsecureConfig, check_exposure
-    from shared.engine import cpu_thread_binding, has_gpu
     from shared.kafka import EmbeddedBroker
 
     cfg = _config(config, model, kafka, host, port, engine_arg, insecure_no_auth, data_dir)
@@ -363,8 +362,6 @@ def up(
         check_exposure(cfg)  # before the broker and the learner start
     except InsecureConfig as exc:
         _refuse(exc)
-    if not has_gpu():  # both engines (the learner inherits it); see cpu_thread_binding
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding())
     with _ending_descendants() as (cleanups, _):  # uvicorn stops on the signals itself
         embedded = not cfg.kafka.bootstrap
         if embedded:
@@ -558,6 +555,9 @@ def learn(
 
 
 def main() -> None:
+    from shared.engine import set_openmp_environment
+
+    set_openmp_environment()  # before any command imports torch
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app()
 

@@ -11,7 +11,6 @@ owns are refused with the setting to use instead.
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -56,23 +55,22 @@ def has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def cpu_thread_binding() -> str:
-    """VLLM_CPU_OMP_THREADS_BIND for our engines on a CPU: every core this process may use.
-    vLLM's `auto` binds an engine to the first NUMA node's cores less one it reserves for the
-    front end; on a 2-core machine that is core 0 alone, for every engine, so `dynalign up`'s
-    server and learner share core 0 while core 1 idles. Measured on 2 cores (SmolLM2, 32 x 128
-    tokens, bench/results/cpu_placement.json): one engine 114 -> 164 tokens/s; both at once
-    57 + 115 (one waits for the other) -> 76 + 97; one core each gives 98 + 83 but halves the
-    learner's rollouts whenever the server idles, which in `up` is most of the time. On a
-    machine with several NUMA nodes `auto` (one node per engine) stays.
+def set_openmp_environment() -> None:
+    """OpenMP settings for vLLM CPU engines and the learner's torch, where not set already.
+    libgomp reads them once, when torch loads it: so `dynalign`'s entry point calls this
+    before anything imports torch. A thread per allowed core, and a short spin at barriers.
 
-    Only `dynalign up` applies it (its two engines start together, before either is busy):
-    once an engine computes on every core, a third engine's worker starting beside it, pinned
-    to core 0 until it binds its threads, was seen to get no CPU for minutes. Standalone
-    engines keep vLLM's default unless the variable is set."""
-    if len(glob.glob("/sys/devices/system/node/node[0-9]*")) > 1:
-        return "auto"
-    return ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    Why: our CPU engines run in-process (engine_kwargs), so vLLM's own thread binding (a worker
+    process per engine, VLLM_CPU_OMP_THREADS_BIND) no longer applies, and vLLM's engine core
+    would drop torch to one thread. libgomp's default spin (300k iterations) makes two engines
+    sharing the cores wait on each other's spinning threads. Pinning (GOMP_CPU_AFFINITY) is
+    left out: it pins each process's main thread, and so every server, engine core and learner,
+    to the first core. Measured on 2 cores (SmolLM2, 32 x 128 tokens each,
+    bench/results/cpu_placement.json): one engine 142 tokens/s (102 in vLLM's worker process
+    with its `auto` binding); two at once 69 + 68 (73 + 71 as worker processes on every core),
+    20 + 20 with libgomp's default spin."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:
@@ -104,6 +102,14 @@ def engine_kwargs(cfg: ModelConfig, max_loras: int | None = None) -> dict:
     else:
         # vLLM's CPU backend sizes its KV cache from this (GiB); 1 GiB holds our loads.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # The model runs in the engine-core process (the learner's own, the server's one
+        # child), not in a worker process of its own: vLLM's worker and engine core wait on
+        # each other by spinning on shared memory (sched_yield, 1 s after each step), and on
+        # a few cores a worker starting beside busy engines got ~3% of a core for minutes.
+        # It also saves the worker's start (~15 s of the tiny model's ~30 s). vLLM's CPU
+        # platform allows it only with VLLM_ENABLE_V1_MULTIPROCESSING=0.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        kwargs["distributed_executor_backend"] = "uni"
     return kwargs
 
 
