@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-# Debian packages run for real: Prometheus (the alert-rule tests), HAProxy (bench/scaleout.py).
+# Debian packages run for real: Prometheus (the alert-rule tests), HAProxy (the scale-out rehearsal, tests/test_scaleout.py).
 missing=""
 for tool in prometheus haproxy; do
   command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"

@@ -4,7 +4,6 @@ servers under load, refusals, operator routes and CLI, the gate."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -226,54 +225,6 @@ def test_bad_versions_are_refused_with_the_problem_named(fleet, tiny_model):
 
     assert registry.read_state().live == live_before
     assert served_version(server) == version_before
-
-
-def test_two_servers_converge_through_promote_rollback_and_restart(fleet, tiny_model):
-    work, registry, broker, server_a, env = fleet
-    (work / "b").mkdir(exist_ok=True)
-    server_b = start_server(work / "b", tiny_model, broker.bootstrap, env=env)
-    try:
-
-        def cli(*args: str) -> None:
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "dynalign",
-                    "adapters",
-                    *args,
-                    "--store",
-                    str(registry.root),
-                    "--kafka",
-                    broker.bootstrap,
-                    "--json",
-                ],
-                check=True,
-                capture_output=True,
-                env={**os.environ, **env, "DYNALIGN_MODEL__PATH": str(tiny_model)},
-            )
-
-        def converged(expected: str) -> None:
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                if served_version(server_a) == served_version(server_b) == expected:
-                    return
-            raise AssertionError(f"servers did not converge on {expected}")
-
-        # The fleet is shared: move between the two versions not live now.
-        old, new = ("2", "1") if registry.read_state().live == 1 else ("1", "2")
-        cli("promote", old, "--reason", "cli")
-        converged(old)
-        cli("promote", new)
-        converged(new)
-        cli("rollback", "--to", old)
-        converged(old)
-        server_b.stop()
-        cli("promote", new)  # while B is down
-        server_b = start_server(work / "b", tiny_model, broker.bootstrap, env=env)
-        converged(new)
-    finally:
-        server_b.stop()
 
 
 def test_gate_rejects_an_exploding_candidate_and_accepts_a_sound_one(tmp_path, tiny_model):
