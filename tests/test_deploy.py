@@ -192,6 +192,51 @@ def test_compose_file_passes_the_compose_schema():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_object_store_overlay_puts_the_registry_on_a_shared_class_kept_in_a_bucket():
+    """deploy/k8s/object-store: the base deployment, its registry claim on a ReadWriteMany class
+    that JuiceFS's CSI driver backs with an S3-compatible bucket, whose credentials come from a
+    Secret made from a git-ignored env file."""
+    overlay_dir = K8S / "object-store"
+    overlay = yaml.safe_load((overlay_dir / "kustomization.yaml").read_text())
+    assert overlay["resources"][0] == "../"  # everything else as in the base
+    (storage_class,) = [
+        doc
+        for name in overlay["resources"][1:]
+        for doc in yaml.safe_load_all((overlay_dir / name).read_text())
+    ]
+    (patch,) = overlay["patches"]
+    claim = by_kind()["PersistentVolumeClaim"][patch["target"]["name"]]
+    for op in yaml.safe_load(patch["patch"]):  # JSON patch: what kustomize applies
+        assert op["op"] == "add", op
+        *parents, leaf = op["path"].strip("/").split("/")
+        node = claim
+        for key in parents:
+            node = node[key]
+        node[leaf] = op["value"]
+    assert claim["metadata"]["name"] == "dynalign-adapters"
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["spec"]["storageClassName"] == storage_class["metadata"]["name"]
+    assert storage_class["provisioner"] == "csi.juicefs.com"
+    assert storage_class["reclaimPolicy"] == "Retain"  # published adapters outlive the claim
+    secret_names = {
+        value for key, value in storage_class["parameters"].items() if key.endswith("secret-name")
+    }
+    example = overlay_dir / "juicefs.env.example"
+    assert secret_names == {"dynalign-registry-juicefs"}
+    assert f"create secret generic {secret_names.pop()}" in example.read_text()
+    assert env_file_vars(example).keys() == {
+        "name", "metaurl", "storage", "bucket", "access-key", "secret-key"
+    }  # fmt: skip
+    assert not any(env_file_vars(example).values())
+    ignored = subprocess.run(
+        ["git", "-C", str(REPO), "check-ignore", "-q", str(overlay_dir / "juicefs.env")]
+    )
+    assert ignored.returncode == 0, "the real credentials file is not git-ignored"
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    for doc in (storage_class, claim):
+        kubernetes_validate.validate(doc, "1.27", strict=True)
+
+
 # -- servers: durable outbox, drain ---------------------------------------------------------------
 def test_servers_are_a_statefulset_with_an_outbox_claim_per_replica():
     kinds = by_kind()
