@@ -117,7 +117,8 @@ def test_sigterm_ends_learn_and_its_engine(tmp_path, tiny_model):
     process = start(
         ["learn", "--prompts", str(prompts), "--workdir", str(tmp_path / "learner")],
         tmp_path,
-        base_env(tmp_path, tiny_model),
+        # vLLM logs to stdout, which a file buffers: its lines are read here as they come.
+        {**base_env(tmp_path, tiny_model), "PYTHONUNBUFFERED": "1"},
         log,
     )
     try:
