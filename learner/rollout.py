@@ -8,6 +8,7 @@ weights must never reuse an old name.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import shutil
 from collections.abc import Callable, Sequence
@@ -20,6 +21,8 @@ from learner.grpo import prompt_ids, rollout_messages
 from shared.chat import content_text
 from shared.config import LearnerConfig, ModelConfig
 from shared.reward import expected_score, parse_score, reward_prompt
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class RolloutEngine:
         from shared.engine import learner_engine_kwargs
 
         self.cfg = learner_cfg
+        log.info("rollout engine starting on %s", model_cfg.path or "the default model")
         # Slots for the policy, the version being swapped in, and the gate's live version.
         # Processed log-probs are taken after `allowed_token_ids` masks the vocabulary: over a
         # few allowed tokens they are exactly the model's distribution renormalised over them.

@@ -117,13 +117,12 @@ def test_sigterm_ends_learn_and_its_engine(tmp_path, tiny_model):
     process = start(
         ["learn", "--prompts", str(prompts), "--workdir", str(tmp_path / "learner")],
         tmp_path,
-        # vLLM logs to stdout, which a file buffers: its lines are read here as they come.
-        {**base_env(tmp_path, tiny_model), "PYTHONUNBUFFERED": "1"},
+        base_env(tmp_path, tiny_model),
         log,
     )
     try:
         wait_until(
-            lambda: "Initializing a V1 LLM engine" in log.read_text(errors="replace"),
+            lambda: "rollout engine starting" in log.read_text(errors="replace"),
             "the engine starting",
             process,
             log,
