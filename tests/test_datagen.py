@@ -18,14 +18,13 @@ from offline.datagen import (
     PromptRecord,
     clean_goal,
     clean_task_prompt,
-    lcs_length,
     parse_critique,
     read_records,
-    rouge_l_f,
     run_datagen,
 )
 from shared.judge import Endpoint
 from shared.prompts import GOAL_PROMPT
+from shared.rouge import lcs_length, rouge_l_f
 
 STUBBORN = "Organize a community garden"  # never appropriate: the round limit
 UNPARSABLE_FIRST = "Choose a career path after graduation"  # first critique has no verdict

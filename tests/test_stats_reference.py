@@ -5,7 +5,7 @@ Kept by hand, measured (2 cores, this suite's inputs; see the closing note of is
   Jensen-Shannon, PSI           equal to scipy's jensenshannon² (base 2); PSI is five lines
   bootstrap CI (shared/judge)   resamples all items, ties included, which scipy.stats.bootstrap
                                 of the decisive items does not; 0.9 ms vs 2.1 ms
-  ROUGE-L F (offline/datagen)   equal to rouge-score's rougeL (no stemmer) on every pair below;
+  ROUGE-L F (shared/rouge)      equal to rouge-score's rougeL (no stemmer) on every pair below;
                                 all 44,850 pairs of 300 prompts in 0.43 s vs 10.6 s
 scipy would add ~143 MB to every server and learner image for these few lines; rouge-score is
 small but 25x slower on datagen's all-pairs filter. Both stay test-only references.
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from learner import drift
-from offline.datagen import rouge_l_f, rouge_tokens
+from shared.rouge import rouge_l_f, rouge_tokens
 
 scipy_stats = pytest.importorskip("scipy.stats")
 rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
