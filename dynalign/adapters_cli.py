@@ -62,6 +62,7 @@ def _finish(state: RegistryState, action: str, as_json: bool) -> None:
                     "live": state.live,
                     "pinned": state.pinned,
                     "learning_paused": state.learning_paused,
+                    "canary": state.canary and state.canary.model_dump(mode="json"),
                     "revision": state.revision,
                 }
             )
@@ -71,8 +72,17 @@ def _finish(state: RegistryState, action: str, as_json: bool) -> None:
         console.print(
             f"{action}: live is now [bold]{live}[/bold]"
             + (" (pinned)" if state.pinned else "")
+            + (f" ; {_canary_summary(state)}" if state.canary else "")
             + (" ; learning paused" if state.learning_paused else "")
         )
+
+
+def _canary_summary(state: RegistryState) -> str:
+    c = state.canary
+    return (
+        f"canary v{c.version} on {c.share:.0%} of users (since {c.started_at:%Y-%m-%d %H:%M}, "
+        f"{c.min_ratings}-{c.max_ratings} ratings per arm, margin {c.margin:.2f})"
+    )
 
 
 def _fail(exc: Exception) -> None:
@@ -93,6 +103,7 @@ def list_versions(config: ConfigOpt = None, store: StoreOpt = None, as_json: Jso
                     "live": state.live,
                     "pinned": state.pinned,
                     "learning_paused": state.learning_paused,
+                    "canary": state.canary and state.canary.model_dump(mode="json"),
                     "versions": rows,
                 }
             )
@@ -117,6 +128,8 @@ def list_versions(config: ConfigOpt = None, store: StoreOpt = None, as_json: Jso
             row["created_at"][:19],
         )
     console.print(table)
+    if state.canary:
+        console.print(_canary_summary(state))
 
 
 def _gate_summary(gate: dict | None) -> str:
@@ -219,6 +232,53 @@ def rollback(
     except RegistryError as exc:
         _fail(exc)
     _finish(state, "rollback", as_json)
+
+
+@adapters_app.command()
+def canary(
+    version: Annotated[int | None, typer.Argument(help="Start VERSION as the canary.")] = None,
+    share: Annotated[
+        float | None,
+        typer.Option("--share", help="Of the main alias's users (default: gate.canary_share)."),
+    ] = None,
+    stop: Annotated[
+        bool, typer.Option("--stop", help="End it; the version is a candidate again.")
+    ] = False,
+    extend: Annotated[
+        int | None, typer.Option("--extend", help="A later horizon: ratings per arm.")
+    ] = None,
+    decide: Annotated[
+        str | None, typer.Option("--decide", help="Force the decision: promote or rollback.")
+    ] = None,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+    kafka: KafkaOpt = None,
+    reason: ReasonOpt = "",
+    as_json: JsonOpt = False,
+):
+    """Try a candidate on a share of live traffic (sticky per user, on every replica) until the
+    canary rule decides on users' ratings (shared/canary.py); or stop, extend, decide it."""
+    cfg, lifecycle = _setup(config, store, kafka)
+    chosen = [version is not None, stop, extend is not None, decide is not None]
+    if sum(chosen) != 1:
+        _fail(RegistryError("give one of: VERSION (with --share), --stop, --extend N, --decide"))
+    if decide not in (None, "promote", "rollback"):
+        _fail(RegistryError(f"--decide promote or rollback, not {decide!r}"))
+    try:
+        if version is not None:
+            rule = cfg.gate.canary_rule(share)
+            if not rule["share"]:
+                raise RegistryError("--share is needed (gate.canary_share is 0)")
+            state = lifecycle.start_canary(version, rule, _actor(), reason)
+        elif stop:
+            state = lifecycle.end_canary("stop", _actor(), reason)
+        elif extend is not None:
+            state = lifecycle.extend_canary(extend, _actor(), reason)
+        else:
+            state = lifecycle.end_canary(decide, _actor(), reason or f"operator: {decide}")
+    except (RegistryError, ValueError) as exc:
+        _fail(exc)
+    _finish(state, "canary", as_json)
 
 
 def _flag_command(action: str, doc: str) -> None:

@@ -142,6 +142,7 @@ def _outbox(cfg: DynalignConfig, retain: bool = False):
             cfg.serving.outbox_dir,
             cfg.kafka.interactions_topic,
             connect,
+            feedback_topic=cfg.kafka.feedback_topic,
             fsync_interval_ms=cfg.serving.outbox_fsync_interval_ms,
             segment_bytes=cfg.serving.outbox_segment_bytes,
             max_message_bytes=cfg.kafka.max_message_bytes,
@@ -551,6 +552,12 @@ def learn(
             f"learner: metrics on :{lc.metrics_port}/metrics, checkpoints in "
             f"{workdir}, candidates in {cfg.registry.store}"
         )
+        if prompts is None and not replay:  # users' signal per version, from the live log
+            from learner.signals import SignalJob
+            from shared.lifecycle import Lifecycle
+
+            job = SignalJob(cfg.kafka, lifecycle=Lifecycle.from_config(cfg))
+            cleanups.callback(job.start().close)
         learner.run(max_steps=max_steps, on_step=progress, stop=stopping)
 
 

@@ -340,6 +340,7 @@ class Learner:
             hashlib.sha256(weights).hexdigest(),
             self.cfg.gate.auto_promote,
             self.cfg.gate.on_inconclusive,
+            canary=self.cfg.gate.canary_rule() if self.cfg.gate.canary_share else None,
         )
         log.info(
             "gate v%d: %s, %s (score %+.3f vs live, 95%% CI %+.3f..%+.3f)%s",

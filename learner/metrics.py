@@ -148,3 +148,30 @@ IFEVAL_CANARY_ACCURACY = Gauge(
     "IFEval canary prompt-level strict accuracy of the version.",
     _VERSION,
 )
+
+# Users' signal per adapter version (learner/signals.py).
+ANSWER_OUTCOMES = Counter(
+    "dynalign_answer_outcomes_total",
+    "Logged answers by what the user did next: regenerated, rephrased (a near-duplicate next "
+    "turn), continued, abandoned (no next turn in time); by the version that answered.",
+    ["adapter_version", "outcome"],
+)
+USER_RATINGS = Gauge(
+    "dynalign_user_ratings",
+    "Answers rated by users (the last rating per answer and rater), by version.",
+    ["adapter_version"],
+)
+USER_RATING_MEAN = Gauge(
+    "dynalign_user_rating_mean",
+    "Mean user rating (1-5; thumbs: down 1, up 5), by version.",
+    ["adapter_version"],
+)
+USER_NEGATIVE_SHARE = Gauge(
+    "dynalign_user_negative_share",
+    "Share of user ratings that are negative (thumbs down, 1-2 of 5), by version.",
+    ["adapter_version"],
+)
+CANARY_NEGATIVE_DIFF = Gauge(
+    "dynalign_canary_negative_share_diff",
+    "Running canary: its share of negative user ratings minus live's (shared/canary.py).",
+)

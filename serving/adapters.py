@@ -28,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 from serving import metrics
-from serving.aliases import AliasTable
+from serving.aliases import AliasTable, CanarySplit
 from shared.config import DynalignConfig
 from shared.registry import Registry, RegistryState, verify_adapter
 
@@ -113,7 +113,12 @@ class AdapterFollower:
         # The newest load always stays: it was loaded for a request about to use it.
         keep = max(1, self.cfg.registry.keep_loaded)
         for version in list(self._load_order[:-keep]):
-            if version == self.aliases.live_version or self.in_flight[version]:
+            canary = self.aliases.canary
+            if (
+                version == self.aliases.live_version
+                or (canary and version == canary.version)
+                or self.in_flight[version]
+            ):
                 continue
             name = self.aliases.engine_name(version)
             lora_id = self.serving_models.lora_requests[name].lora_int_id
@@ -156,9 +161,21 @@ class AdapterFollower:
                     "base" if target is None else f"v{target}",
                 )
                 await self._evict()
+            await self._follow_canary(state)
             self.applied_revision = state.revision
             self._refused = None
             return state
+
+    async def _follow_canary(self, state: RegistryState) -> None:
+        """Split the main alias as the registry's canary says; its version is loaded first."""
+        canary = state.canary
+        if canary is None or canary.against != self.aliases.live_version:
+            self.aliases.canary = None  # none, or live moved under it: the split is off
+        else:
+            await self.ensure_loaded(canary.version)
+            self.aliases.canary = CanarySplit(canary.version, canary.share)
+        metrics.CANARY_VERSION.set(canary.version if self.aliases.canary else 0)
+        metrics.CANARY_SHARE.set(canary.share if self.aliases.canary else 0)
 
     async def run(self, poll_s: float = 1.0) -> None:
         """Follow the registry: wake on a topic message, re-read the files every `poll_s`.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from http import HTTPStatus
+from typing import Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel
@@ -32,6 +33,18 @@ class PromoteBody(ActionBody):
     override: bool = False  # a rejected version; audited as "promote-override"
 
 
+class CanaryBody(ActionBody):
+    share: float | None = None  # default: gate.canary_share
+
+
+class ExtendBody(ActionBody):
+    max_ratings: int
+
+
+class DecideBody(ActionBody):
+    outcome: Literal["promote", "rollback"]
+
+
 def describe(registry, state: RegistryState, loaded: set[int]) -> dict:
     versions = []
     for version in registry.versions():
@@ -52,6 +65,7 @@ def describe(registry, state: RegistryState, loaded: set[int]) -> dict:
         "live": state.live,
         "pinned": state.pinned,
         "learning_paused": state.learning_paused,
+        "canary": state.canary and state.canary.model_dump(mode="json"),
         "revision": state.revision,
         "versions": versions,
     }
@@ -103,6 +117,42 @@ async def rollback(
     body: RollbackBody, raw_request: Request, actor: str = Depends(require_operator)
 ) -> dict:
     return await _apply(raw_request, lambda lc: lc.rollback(actor, to=body.to, reason=body.reason))
+
+
+@router.post("/adapters/{version}/canary")
+async def start_canary(
+    version: int, body: CanaryBody, raw_request: Request, actor: str = Depends(require_operator)
+) -> dict:
+    rule = server_state(raw_request).cfg.gate.canary_rule(body.share)
+    if not rule["share"]:
+        raise HTTPException(HTTPStatus.BAD_REQUEST, "share is needed (gate.canary_share is 0)")
+    return await _apply(raw_request, lambda lc: lc.start_canary(version, rule, actor, body.reason))
+
+
+@router.post("/canary/stop")
+async def stop_canary(
+    body: ActionBody, raw_request: Request, actor: str = Depends(require_operator)
+) -> dict:
+    return await _apply(raw_request, lambda lc: lc.end_canary("stop", actor, body.reason))
+
+
+@router.post("/canary/extend")
+async def extend_canary(
+    body: ExtendBody, raw_request: Request, actor: str = Depends(require_operator)
+) -> dict:
+    return await _apply(
+        raw_request, lambda lc: lc.extend_canary(body.max_ratings, actor, body.reason)
+    )
+
+
+@router.post("/canary/decide")
+async def decide_canary(
+    body: DecideBody, raw_request: Request, actor: str = Depends(require_operator)
+) -> dict:
+    return await _apply(
+        raw_request,
+        lambda lc: lc.end_canary(body.outcome, actor, body.reason or f"operator: {body.outcome}"),
+    )
 
 
 def _flag_route(path: str, action: str) -> None:

@@ -26,8 +26,10 @@ from fastapi import Request
 from serving import metrics
 from serving.aliases import Route, UnknownModel
 from serving.deps import Caller, ServerState
+from serving.feedback import issue_interaction_id
 from serving.limits import Permit
 from serving.optout import parse_flag
+from serving.outbox import until_on_disk
 from shared.schemas import (
     OPT_OUT_HEADER,
     Choice,
@@ -138,11 +140,12 @@ def check_caps(state: ServerState, n: int | None, max_tokens: int | None) -> Non
 
 
 # -- which weights answer -------------------------------------------------------------------------
-async def resolve(state: ServerState, model: str, caller: Caller) -> Route:
-    """Alias → route. A pinned version is loaded on first use; chat keys may pin what users
-    were served (live, retired), operators also candidates and rejected versions."""
+async def resolve(state: ServerState, model: str, caller: Caller, user: str = "") -> Route:
+    """Alias → route (`user`, a pseudonym, for a canary split). A pinned version is loaded on
+    first use; chat keys may pin what users were served (live, retired), operators also
+    candidates and rejected versions."""
     try:
-        route = state.aliases.resolve(model)
+        route = state.aliases.resolve(model, user)
         version = route.adapter_version if model != state.aliases.served_name else None
     except UnknownModel:
         version = state.aliases.pinned_version(model)
@@ -151,14 +154,14 @@ async def resolve(state: ServerState, model: str, caller: Caller) -> Route:
         route = None
     if version is not None and caller.operator is None:
         status = state.follower.registry_state.states.get(version, "candidate")
-        if status not in ("live", "retired"):
+        if status not in ("live", "canary", "retired"):
             raise PermissionError(
                 f"v{version} is {status}: only versions that were live can be "
                 "pinned with a chat key; operators can pin it"
             )
     if route is None:
         await state.follower.ensure_loaded(version)
-        route = state.aliases.resolve(model)
+        route = state.aliases.resolve(model, user)
     if route.adapter_version is not None:
         state.follower.in_flight[route.adapter_version] += 1
     return route
@@ -178,6 +181,7 @@ class Interaction:
     user: str
     conversation: str
     log_for_training: bool
+    record_id: str | None = None  # the interaction id the client gets, when logged
     started: float = field(default_factory=time.perf_counter)
     created_at: Any = field(default_factory=utc_now)
     ttft_s: float | None = None
@@ -209,11 +213,13 @@ class Interaction:
         if usage:
             metrics.TOKENS.labels("prompt").inc(usage.prompt_tokens)
             metrics.TOKENS.labels("completion").inc(usage.completion_tokens)
+            metrics.COMPLETION_TOKENS.labels(self.version_label).observe(usage.completion_tokens)
         if not self.log_for_training or self.state.outbox is None:
             return None
         req = self.request
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         record = InteractionRecord(
+            id=self.record_id,
             conversation_id=self.conversation,
             created_at=self.created_at,
             served_at=self.created_at + timedelta(seconds=latency_s),
@@ -236,25 +242,14 @@ class Interaction:
             ttft_ms=None if self.ttft_s is None else self.ttft_s * 1000,
             finish_reason=choices[0].finish_reason if choices else None,
         )
-        loop = asyncio.get_running_loop()
-        on_disk = loop.create_future()
-
-        def written() -> None:  # the outbox's writer thread
-            loop.call_soon_threadsafe(lambda: on_disk.done() or on_disk.set_result(None))
-
-        if self.state.outbox.append(record, written):
-            self.on_disk = on_disk
+        self.on_disk = self.state.outbox.append_on_disk(record)
         return record.id
 
     async def logged(self) -> None:
         """Wait until the logged record is on the outbox's disk, so an answer the client has
         was never lost by a crash; a stalled disk delays it at most outbox_reply_wait_ms."""
-        if self.on_disk is None:
-            return
-        try:
-            await asyncio.wait_for(self.on_disk, self.state.cfg.serving.outbox_reply_wait_ms / 1000)
-        except TimeoutError:
-            metrics.OUTBOX_REPLIES_BEFORE_DISK.inc()
+        if self.on_disk is not None:
+            await until_on_disk(self.on_disk, self.state.cfg.serving.outbox_reply_wait_ms)
 
 
 async def start_interaction(
@@ -275,7 +270,8 @@ async def start_interaction(
     elif conversation in state.opt_outs or derived in state.opt_outs:
         train = False  # an earlier turn opted out; this turn carries it in its history
         metrics.INTERACTIONS_OPTED_OUT.inc()
-    permit, route = await admit(state, caller, request.model)
+    permit, route = await admit(state, caller, request.model, user)
+    logged = train and state.outbox is not None
     return Interaction(
         state=state,
         route=route,
@@ -286,14 +282,21 @@ async def start_interaction(
         user=user,
         conversation=conversation,
         log_for_training=train,
+        record_id=issue_interaction_id(
+            state.salt, caller.principal, route.adapter_version, request.n or 1
+        )
+        if logged
+        else None,
     )
 
 
-async def admit(state: ServerState, caller: Caller, model: str) -> tuple[Permit, Route]:
+async def admit(
+    state: ServerState, caller: Caller, model: str, user: str = ""
+) -> tuple[Permit, Route]:
     """The client's slot, then the route; nothing held if either is refused."""
     permit = state.limits.admit(caller.principal)
     try:
-        return permit, await resolve(state, model, caller)
+        return permit, await resolve(state, model, caller, user)
     except BaseException:
         permit.release()
         raise
@@ -309,6 +312,8 @@ async def serve_chat(interaction: Interaction, raw_request: Request):
         request.stream_options = options.model_copy(update={"include_usage": True})
     request.model = interaction.route.engine_model
     headers = {VERSION_HEADER: interaction.version_label}
+    if interaction.record_id:  # also on a stream, whose headers go before its record exists
+        headers[INTERACTION_HEADER] = interaction.record_id
     try:
         result = await raw_request.app.state.openai_serving_chat.create_chat_completion(
             request, raw_request
@@ -326,14 +331,13 @@ async def serve_chat(interaction: Interaction, raw_request: Request):
             completion_tokens=result.usage.completion_tokens or 0,
             total_tokens=result.usage.total_tokens,
         )
-        record_id = interaction.finish(HTTPStatus.OK, choices, usage)
-        if record_id:
-            headers[INTERACTION_HEADER] = record_id
-            await interaction.logged()
+        interaction.finish(HTTPStatus.OK, choices, usage)
+        await interaction.logged()
         return result, headers
     if hasattr(result, "error"):  # vLLM's ErrorResponse
         interaction.log_for_training = False
         interaction.finish(result.error.code, [], None)
+        headers.pop(INTERACTION_HEADER, None)
         return result, headers
     return logged_stream(interaction, result, client_wants_usage), headers
 

@@ -60,9 +60,14 @@ class ServerState:
     def registry(self) -> Registry:
         return self.lifecycle.registry
 
+    @property
+    def salt(self) -> bytes:
+        """serving.user_hash_salt: the key of every HMAC the server makes (pseudonyms,
+        interaction ids); replicas of one deployment share it."""
+        return self.cfg.serving.user_hash_salt.get_secret_value().encode()
+
     def pseudonym(self, identity: str) -> str:
-        salt = self.cfg.serving.user_hash_salt.get_secret_value().encode()
-        return hmac.new(salt, identity.encode(), hashlib.sha256).hexdigest()[:16]
+        return hmac.new(self.salt, identity.encode(), hashlib.sha256).hexdigest()[:16]
 
 
 def server_state(request: Request) -> ServerState:

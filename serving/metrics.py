@@ -26,6 +26,12 @@ TIME_TO_FIRST_TOKEN = Histogram(
     ["model", "adapter_version"],
     buckets=LATENCY_BUCKETS,
 )
+COMPLETION_TOKENS = Histogram(
+    "dynalign_completion_tokens",
+    "Tokens of each answered request's completion(s), by the adapter version that answered.",
+    ["adapter_version"],
+    buckets=(8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+)
 TOKENS = Counter(
     "dynalign_tokens_total", "Tokens processed, by kind (prompt, completion).", ["kind"]
 )
@@ -37,6 +43,20 @@ INTERACTIONS_OPTED_OUT = Counter(
 )
 INTERACTIONS_PUBLISHED = Counter(
     "dynalign_interactions_published_total", "Interaction records acknowledged by Kafka."
+)
+FEEDBACK_LOGGED = Counter(
+    "dynalign_feedback_logged_total", "Ratings (POST /v1/feedback) appended to the outbox."
+)
+FEEDBACK_PUBLISHED = Counter(
+    "dynalign_feedback_published_total", "Ratings acknowledged by Kafka (dynalign.feedback)."
+)
+FEEDBACK_RATING = Histogram(
+    "dynalign_feedback_rating",
+    "Ratings accepted (POST /v1/feedback) on the 1-5 scale (thumbs: down 1, up 5), by the "
+    "adapter version that served the rated answer: _sum/_count is the mean rating, "
+    'bucket{le="2"}/_count the share of negative ratings.',
+    ["adapter_version"],
+    buckets=(1, 2, 3, 4, 5),
 )
 OUTBOX_DEPTH = Gauge(
     "dynalign_outbox_depth_records", "Records in the outbox not yet acknowledged by Kafka."
@@ -81,6 +101,13 @@ for _reason in ("unserialisable", "oversized", "rejected", "garbled"):
     OUTBOX_DEAD_LETTERED.labels(_reason)
 LIVE_ADAPTER_VERSION = Gauge(
     "dynalign_live_adapter_version", "Adapter version the main alias serves (0 = base model)."
+)
+CANARY_VERSION = Gauge(
+    "dynalign_canary_adapter_version",
+    "Adapter version serving the canary share of the main alias (0 = no canary).",
+)
+CANARY_SHARE = Gauge(
+    "dynalign_canary_share", "Share of the main alias's users the canary serves (0 = none)."
 )
 ADAPTER_SWAPS = Counter(
     "dynalign_adapter_swaps_total", "Alias moves applied by this server (promote or rollback)."

@@ -1,11 +1,13 @@
 """The interaction outbox: a local append-only log forwarded to Kafka, so that logging never
-fails or slows a chat response and nothing is lost while the broker is away.
+fails or slows a chat response and nothing is lost while the broker is away. Users' ratings
+(FeedbackRecord) take the same path to their own topic: one log, one durability.
 
     append() ─bounded queue─▶ writer ─(write + fsync, in batches)─▶ segment-000001.jsonl …
       ▲ on_disk() once fsynced: the server answers then
       └ full: dropped, counted ├─ unserialisable, oversized ─▶ dead-letter.jsonl     │
                                ├─ notify ─▶ forwarder ◀─ windows of ≤ 1000 records ──┘
                                │             ├─ acks=all, idempotent ─▶ dynalign.interactions
+                               │             │                          (feedback: .feedback)
                                │             ├─ refused record, garbled line ─▶ dead-letter.jsonl
                                │             └─▶ acked.json (the cursor); trim segments behind it
                                └─ disk full: cut back, retried with back-off; Outbox.problem set
@@ -30,6 +32,7 @@ line each (reason, time, detail, the record), counted by dynalign_outbox_dead_le
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -56,11 +59,18 @@ from pydantic import BaseModel
 from serving import metrics
 from shared.config import KafkaConfig, ServingConfig
 from shared.files import atomic_write, fsync_path, lock_directory
-from shared.schemas import SCHEMA_VERSION_HEADER, InteractionRecord, utc_now
+from shared.schemas import (
+    SCHEMA_VERSION_HEADER,
+    FeedbackRecord,
+    InteractionRecord,
+    rating_key,
+    utc_now,
+)
 
 log = logging.getLogger(__name__)
 
 OnDisk = Callable[[], None] | None
+Record = InteractionRecord | FeedbackRecord
 CURSOR_FILE = "acked.json"
 DEAD_LETTER_FILE = "dead-letter.jsonl"
 # What the writer takes per fsync and the forwarder reads and sends per round: bounds memory.
@@ -85,8 +95,8 @@ class Reseeded:
 
     records: int
     seconds: float
-    ends: dict[int, int]  # at the cursor, to compare with `expected`
-    expected: dict[int, int] | None
+    ends: dict[str, int]  # "topic:partition" -> next offset at the cursor, vs `expected`
+    expected: dict[str, int] | None
     garbled: int  # retained lines that no longer parse (damaged on disk since)
 
     @property
@@ -102,8 +112,18 @@ class _Entry:
     segment: int
     end_offset: int  # byte offset just past this line
     value: bytes | None = None
+    topic: str = ""
     key: bytes = b""
     headers: tuple[tuple[str, bytes], ...] = ()
+
+
+async def until_on_disk(on_disk: asyncio.Future, wait_ms: int) -> None:
+    """Wait for append_on_disk()'s future before replying, so a reply the client has was never
+    lost by a crash; a stalled disk delays it at most `wait_ms` (counted)."""
+    try:
+        await asyncio.wait_for(on_disk, wait_ms / 1000)
+    except TimeoutError:
+        metrics.OUTBOX_REPLIES_BEFORE_DISK.inc()
 
 
 def _segment_path(directory: Path, seq: int) -> Path:
@@ -123,13 +143,22 @@ def _end_of_last_line(f: BinaryIO, size: int) -> int:
     return 0
 
 
-def _key_and_headers(conversation_id: str, record_id: str, schema_version: int):
-    """The Kafka key and headers of a record: its own schema version (one recovered from disk
-    may be older than the current one)."""
-    return conversation_id.encode(), (
-        (SCHEMA_VERSION_HEADER, str(schema_version).encode()),
-        ("record-id", record_id.encode()),
+def _key_and_headers(fields: dict[str, Any]):
+    """The Kafka key and headers of a record, from its fields (a record recovered from disk
+    may be of an older schema version than the current one): interactions are keyed by
+    conversation, ratings by what they rate and who rates (FeedbackRecord.rating_key)."""
+    if fields.get("kind") == "feedback":
+        key = rating_key(fields["interaction_id"], fields["choice"], fields["rater_hash"])
+    else:
+        key = fields["conversation_id"]
+    return key.encode(), (
+        (SCHEMA_VERSION_HEADER, str(fields["schema_version"]).encode()),
+        ("record-id", fields["id"].encode()),
     )
+
+
+def _partition_name(topic: str, partition: int) -> str:
+    return f"{topic}:{partition}"
 
 
 class Outbox:
@@ -142,6 +171,7 @@ class Outbox:
         directory: Path,
         topic: str,
         producer_factory: Callable[[], KafkaProducer],
+        feedback_topic: str | None = None,
         fsync_interval_ms: int = 50,
         segment_bytes: int = 16 << 20,
         max_message_bytes: int = KafkaConfig.model_fields["max_message_bytes"].default,
@@ -151,6 +181,7 @@ class Outbox:
         self.directory = Path(directory)
         self._lock = lock_directory(self.directory, "the outbox")  # released by close()
         self.topic = topic
+        self.feedback_topic = feedback_topic
         self._producer_factory = producer_factory
         self._fsync_interval_s = fsync_interval_ms / 1000
         self._segment_bytes = segment_bytes
@@ -158,9 +189,7 @@ class Outbox:
         self._retain = retain
 
         # (record, on_disk) pairs; None wakes the writer at close().
-        self._incoming: queue.Queue[tuple[InteractionRecord, OnDisk] | None] = queue.Queue(
-            max_queued_records
-        )
+        self._incoming: queue.Queue[tuple[Record, OnDisk] | None] = queue.Queue(max_queued_records)
         self._dropping = False  # between the first drop of a full queue and the next accept
         self._write_error: str | None = None  # the last write failure, until a write succeeds
         self._closing = threading.Event()  # close(): the writer empties the queue and ends
@@ -170,8 +199,8 @@ class Outbox:
         # Guards what the writer and the forwarder share: the durable end and the record count.
         self._durable = threading.Condition()
 
-        # Each partition's next offset as acknowledged, kept in the cursor (see reseed()).
-        self._partition_ends: dict[int, int] = {}
+        # Each "topic:partition"'s next offset as acknowledged, kept in the cursor (reseed()).
+        self._partition_ends: dict[str, int] = {}
         self._read_pos = self._cursor = self._read_cursor()
         self._segment_seq, self._segment_size, self._unsettled = self._recover()
         self._segment_fd = self._open_segment(self._segment_seq)
@@ -189,7 +218,7 @@ class Outbox:
         self._forwarder.start()
         return self
 
-    def append(self, record: InteractionRecord, on_disk: OnDisk = None) -> bool:
+    def append(self, record: Record, on_disk: OnDisk = None) -> bool:
         """Never blocks and never raises: the writer thread serialises and persists the record,
         then calls `on_disk` (in its thread) once it is fsynced or set aside. While the queue is
         full (the disk refuses writes, or the writer cannot keep up) the record is dropped and
@@ -208,6 +237,17 @@ class Outbox:
             return False
         self._dropping = False
         return True
+
+    def append_on_disk(self, record: Record) -> asyncio.Future | None:
+        """append() from the event loop: a future done once the record is on disk (or set
+        aside), None when it was dropped."""
+        loop = asyncio.get_running_loop()
+        on_disk = loop.create_future()
+
+        def written() -> None:  # the writer's thread
+            loop.call_soon_threadsafe(lambda: on_disk.done() or on_disk.set_result(None))
+
+        return on_disk if self.append(record, written) else None
 
     @property
     def depth(self) -> int:
@@ -282,8 +322,8 @@ class Outbox:
                 segments[0],
             )
         expected = dict(self._partition_ends) or None
-        at_cursor: dict[int, int] | None = None
-        ends: dict[int, int] = {}
+        at_cursor: dict[str, int] | None = None
+        ends: dict[str, int] = {}
         records = garbled = 0
         last: _Entry | None = None
         lines = self._lines((segments[0], 0), self._durable_end) if segments else iter(())
@@ -351,7 +391,11 @@ class Outbox:
         try:
             data = json.loads(path.read_bytes())
             seq, offset = int(data["segment"]), int(data["offset"])
-            ends = {int(p): int(o) for p, o in data.get("partitions", {}).items()}
+            ends = {
+                # an older cursor named only the interactions topic's partitions
+                p if ":" in p else _partition_name(self.topic, int(p)): int(o)
+                for p, o in data.get("partitions", {}).items()
+            }
         except FileNotFoundError:
             return 0, 0
         except (ValueError, KeyError, TypeError) as exc:
@@ -452,17 +496,24 @@ class Outbox:
     def _write_loop(self) -> None:
         while not (self._closing.is_set() and self._incoming.empty()):
             batch = self._take_batch()
-            lines = [line for record, _ in batch if (line := self._serialise(record))]
-            if lines and not self._write(lines):
+            written = [(record, line) for record, _ in batch if (line := self._serialise(record))]
+            if written and not self._write([line for _, line in written]):
                 break  # close() gave up on a disk that refuses writes
+            for record, _ in written:
+                logged = (
+                    metrics.FEEDBACK_LOGGED
+                    if isinstance(record, FeedbackRecord)
+                    else metrics.INTERACTIONS_LOGGED
+                )
+                logged.inc()
             for _, on_disk in batch:
                 if on_disk is not None:
                     on_disk()
         os.close(self._segment_fd)
 
-    def _take_batch(self) -> list[tuple[InteractionRecord, OnDisk]]:
+    def _take_batch(self) -> list[tuple[Record, OnDisk]]:
         """The next record and whatever follows within one fsync interval (one fsync for all)."""
-        batch: list[tuple[InteractionRecord, OnDisk]] = []
+        batch: list[tuple[Record, OnDisk]] = []
         deadline = None
         while len(batch) < WINDOW_RECORDS:
             try:
@@ -476,14 +527,14 @@ class Outbox:
             deadline = deadline or time.monotonic() + self._fsync_interval_s
         return batch
 
-    def _serialise(self, record: InteractionRecord) -> bytes | None:
+    def _serialise(self, record: Record) -> bytes | None:
         """The record's segment line, or None once it is dead-lettered."""
         try:
             value = record.model_dump_json().encode()
         except Exception as exc:  # any one record must not stop the writer
             self._dead_letter("unserialisable", repr(exc), record)
             return None
-        key, headers = _key_and_headers(record.conversation_id, record.id, record.schema_version)
+        key, headers = _key_and_headers(vars(record))
         # The producer's own estimate, so that nothing written here is refused for size there.
         size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers))
         if size > self._max_message_bytes:
@@ -523,7 +574,6 @@ class Outbox:
         if self._write_error is not None:
             log.warning("outbox: writes succeed again")
             self._write_error = None
-        metrics.INTERACTIONS_LOGGED.inc(len(lines))
         with self._durable:
             self._durable_end = (self._segment_seq, self._segment_size)
             self._unsettled += len(lines)
@@ -629,12 +679,14 @@ class Outbox:
             seq, offset = seq + 1, 0
 
     def _entry(self, seq: int, end_offset: int, line: bytes, dead_letter: bool = True) -> _Entry:
-        # Key, id and version come from the JSON, so forwarding needs nothing but the segments.
+        # Topic, key, id and version come from the JSON, so forwarding needs nothing but the
+        # segments.
         try:
             fields = json.loads(line)
-            key, headers = _key_and_headers(
-                fields["conversation_id"], fields["id"], fields["schema_version"]
-            )
+            key, headers = _key_and_headers(fields)
+            topic = self.topic if fields.get("kind") != "feedback" else self.feedback_topic
+            if topic is None:
+                raise ValueError("a rating, and this outbox has no feedback topic")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             if not dead_letter:
                 return _Entry(seq, end_offset)
@@ -645,13 +697,13 @@ class Outbox:
                 line.decode("utf-8", "backslashreplace"),
             )
             return _Entry(seq, end_offset)
-        return _Entry(seq, end_offset, line.rstrip(b"\n"), key, headers)
+        return _Entry(seq, end_offset, line.rstrip(b"\n"), topic, key, headers)
 
     def _send(
         self,
         producer: KafkaProducer,
         window: list[_Entry],
-        ends: dict[int, int],
+        ends: dict[str, int],
         resend: bool = False,
     ) -> tuple[int, Exception | None]:
         """Send in order; return how many leading entries are settled (acknowledged, or set
@@ -666,7 +718,7 @@ class Outbox:
             try:
                 outcomes.append(
                     producer.send(
-                        self.topic, key=entry.key, value=entry.value, headers=list(entry.headers)
+                        entry.topic, key=entry.key, value=entry.value, headers=list(entry.headers)
                     )
                 )
             except KafkaError as exc:  # refused before sending (size) or no metadata
@@ -683,9 +735,14 @@ class Outbox:
                     raise outcome
                 if outcome is not None:
                     acked = outcome.get(timeout=0)
-                    ends[acked.partition] = acked.offset + 1
+                    ends[_partition_name(acked.topic, acked.partition)] = acked.offset + 1
                     if not resend:
-                        metrics.INTERACTIONS_PUBLISHED.inc()
+                        published = (
+                            metrics.INTERACTIONS_PUBLISHED
+                            if entry.topic == self.topic
+                            else metrics.FEEDBACK_PUBLISHED
+                        )
+                        published.inc()
             except RECORD_ERRORS as exc:
                 if not resend:
                     self._dead_letter("rejected", repr(exc), json.loads(entry.value))

@@ -20,6 +20,7 @@ from serving.adapters import AdapterRefused
 from serving.aliases import UnknownModel
 from serving.chat import BadRequest, serve_chat, serve_completion, start_interaction
 from serving.deps import Caller, require_api_key, server_state
+from serving.feedback import FeedbackRefused, FeedbackRequest, record_feedback
 from serving.limits import LimitExceeded
 from shared.vllm_compat import (
     VLLM_VERSION,
@@ -106,6 +107,26 @@ async def create_completion(
     except Exception as exc:  # noqa: BLE001
         return await _refused(raw_request, model, exc)
     return _respond(result, headers)
+
+
+@router.post("/v1/feedback")
+async def create_feedback(
+    request: FeedbackRequest, raw_request: Request, caller: Caller = Depends(require_api_key)
+) -> Response:
+    """A rating of an answer by the key it was served to (serving/feedback.py), under the same
+    per-client limits as chat."""
+    state = server_state(raw_request)
+    try:
+        permit = state.limits.admit(caller.principal)
+    except LimitExceeded as exc:
+        return refusal(exc)
+    try:
+        recorded = await record_feedback(state, caller, request)
+    except FeedbackRefused as exc:
+        return error_json(HTTPStatus(exc.status), str(exc), exc.param or None)
+    finally:
+        permit.release()
+    return JSONResponse(recorded.model_dump())
 
 
 @router.get("/v1/models", dependencies=[Depends(require_api_key)])

@@ -1,10 +1,11 @@
 """The OpenAI-compatible server: vLLM's protocol layer and engine, plus what dynalign adds —
-model aliases over adapter versions, API keys and per-client limits, training opt-out, and the
-interaction log.
+model aliases over adapter versions (and a canary's share of users), API keys and per-client
+limits, training opt-out, the interaction log, and users' ratings of answers.
 
     serving/routes.py   HTTP routes and error bodies     serving/deps.py    state, callers, auth
     serving/chat.py     request → engine → record        serving/limits.py  per-client limits
     serving/admin.py    operator routes                  serving/adapters.py hot swap
+    serving/feedback.py users' ratings, interaction ids  serving/aliases.py  names, canary split
 """
 
 from __future__ import annotations

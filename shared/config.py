@@ -69,6 +69,10 @@ class KafkaConfig(Section):
     def adapters_topic(self) -> str:
         return f"{self.topic_prefix}.adapters"
 
+    @property
+    def feedback_topic(self) -> str:
+        return f"{self.topic_prefix}.feedback"
+
 
 class ServingConfig(Section):
     host: str = "127.0.0.1"
@@ -224,6 +228,23 @@ class GateConfig(Section):
     # vs live; 0 turns it off.
     ifeval_prompts: int = 24
     max_ifeval_drop: float = 0.15
+    # Canary rollout of a passing candidate (shared/canary.py): 0 = it goes live at once; else it
+    # first serves this share of the main alias's users, until the canary rule decides on their
+    # ratings. Ratings per arm before a decision, the horizon, and the margin (share of
+    # negative ratings) within which the canary counts as not worse.
+    canary_share: float = Field(0.0, ge=0, lt=1)
+    canary_min_ratings: int = Field(100, ge=1)
+    canary_max_ratings: int = Field(400, ge=1)
+    canary_margin: float = Field(0.10, gt=0)
+
+    def canary_rule(self, share: float | None = None) -> dict[str, float]:
+        """A Canary's settings as the registry keeps them (shared/registry.Canary)."""
+        return dict(
+            share=share or self.canary_share,
+            min_ratings=self.canary_min_ratings,
+            max_ratings=self.canary_max_ratings,
+            margin=self.canary_margin,
+        )
 
     def cpu_sized(self) -> GateConfig:
         smaller = dict(probe_limit=24, max_new_tokens=48, ifeval_prompts=8)

@@ -36,6 +36,11 @@ def topic_specs(cfg: KafkaConfig) -> dict[str, dict[str, Any]]:
     wanted = {
         cfg.interactions_topic: {"num_partitions": cfg.partitions, "configs": records},
         cfg.dlq_topic: {"num_partitions": 1, "configs": records},
+        # Ratings, keyed by (interaction, choice, rater): compaction keeps each rater's last.
+        cfg.feedback_topic: {
+            "num_partitions": cfg.partitions,
+            "configs": {**records, "cleanup.policy": "compact"},
+        },
         # The control feed: keyed by adapter/alias, compaction keeps the latest state per key.
         cfg.adapters_topic: {
             "num_partitions": 1,

@@ -10,6 +10,9 @@
     promote    an operator makes a candidate or a previously-live version live
     rollback   live goes back to the previous live version (or --to a previously-live one)
     reject     an operator rejects a candidate
+    canary     a passing candidate serves a share of the main alias's users beside live
+               (gate.canary_share, or an operator): start, extend, stop, and its decision
+               (shared/canary.py, or an operator's): promote, or roll back (= reject)
     pin, unpin, pause-learning, resume-learning
 
 A rejected version never goes live except by `promote(..., override=True)`, audited as
@@ -40,11 +43,12 @@ log = logging.getLogger(__name__)
 
 # The states a version may be in for each action that targets it. Anything else is refused.
 TRANSITIONS: dict[str, frozenset[AdapterState]] = {
-    "promote": frozenset({"candidate", "inconclusive", "retired"}),
-    "promote-override": frozenset({"candidate", "inconclusive", "retired", "rejected"}),
+    "promote": frozenset({"candidate", "inconclusive", "canary", "retired"}),
+    "promote-override": frozenset({"candidate", "inconclusive", "canary", "retired", "rejected"}),
     "rollback": frozenset({"retired"}),
-    "reject": frozenset({"candidate", "inconclusive", "retired"}),
+    "reject": frozenset({"candidate", "inconclusive", "canary", "retired"}),
     "verdict": frozenset({"candidate"}),
+    "canary-start": frozenset({"candidate", "inconclusive"}),
 }
 OnInconclusive = Literal["hold", "promote", "reject"]
 FLAGS = {
@@ -134,9 +138,12 @@ class Lifecycle:
         auto_promote: bool,
         on_inconclusive: OnInconclusive = "hold",
         actor: str = "gate",
+        canary: dict[str, float] | None = None,
     ) -> tuple[RegistryState, str]:
         """The gate's verdict on `version`, which must hold the weights it judged; `result` is a
-        GateResult's dict (its `outcome` and `reasons` decide)."""
+        GateResult's dict (its `outcome` and `reasons` decide). With `canary` (GateConfig.
+        canary_rule(), a share above 0), a passing candidate starts a canary instead of going
+        live."""
         if self.registry.manifest(version).weights_sha256 != weights_sha256:
             raise RegistryError(
                 f"the gate judged other weights than v{version} holds; its verdict is not recorded"
@@ -156,12 +163,26 @@ class Lifecycle:
                     if outcome == "pass"
                     else f"gate inconclusive ({why}), taken as a pass"
                 )
-                if auto_promote and not state.pinned:
+                if auto_promote and not state.pinned and canary and state.canary is None:
+                    return AuditEntry(
+                        actor=actor,
+                        action="canary-start",
+                        from_version=state.live,
+                        to_version=version,
+                        reason=f"{passed}; canary on {canary['share']:.0%} of users",
+                        gate=result,
+                        canary={**canary, "version": version, "against": state.live},
+                    )
+                if auto_promote and not state.pinned and not canary:
                     action, reason = "promote", passed
                 else:
                     action = "await-operator"
                     reason = f"{passed}; " + (
-                        "live is pinned" if state.pinned else "auto_promote is off"
+                        "live is pinned"
+                        if state.pinned
+                        else "another canary is running"
+                        if canary
+                        else "auto_promote is off"
                     )
             return AuditEntry(
                 actor=actor,
@@ -234,6 +255,85 @@ class Lifecycle:
             return AuditEntry(actor=actor, action="reject", to_version=version, reason=reason)
 
         return self._change(decide)[0]
+
+    def start_canary(
+        self, version: int, rule: dict[str, float], actor: str, reason: str = ""
+    ) -> RegistryState:
+        """`version` serves rule["share"] of the main alias's users beside live."""
+        self._require(version)
+
+        def decide(state: RegistryState) -> AuditEntry:
+            if state.canary is not None:
+                raise RegistryError(f"v{state.canary.version} is already a canary; stop it first")
+            _allowed("canary-start", state, version)
+            return AuditEntry(
+                actor=actor,
+                action="canary-start",
+                from_version=state.live,
+                to_version=version,
+                reason=reason,
+                canary={**rule, "version": version, "against": state.live},
+            )
+
+        return self._change(decide)[0]
+
+    def extend_canary(self, max_ratings: int, actor: str, reason: str = "") -> RegistryState:
+        """A later horizon: more ratings per arm before the rule calls it inconclusive."""
+
+        def decide(state: RegistryState) -> AuditEntry:
+            running = self._canary(state)
+            if max_ratings <= running.max_ratings:
+                raise RegistryError(
+                    f"the canary's horizon is {running.max_ratings} ratings; extend beyond it"
+                )
+            return AuditEntry(
+                actor=actor,
+                action="canary-extend",
+                to_version=running.version,
+                reason=reason,
+                canary={"max_ratings": max_ratings},
+            )
+
+        return self._change(decide)[0]
+
+    def end_canary(
+        self,
+        outcome: Literal["promote", "rollback", "inconclusive", "stop"],
+        actor: str,
+        reason: str = "",
+        evidence: dict[str, Any] | None = None,
+        version: int | None = None,
+    ) -> RegistryState:
+        """The canary's end, by its rule or an operator: promote (live), rollback (rejected),
+        inconclusive (held for an operator), stop (a candidate again). `version`: end it only
+        if that version is still the canary (the rule's evidence is about that one)."""
+        action = {
+            "promote": "promote",
+            "rollback": "reject",
+            "inconclusive": "hold-inconclusive",
+            "stop": "canary-stop",
+        }[outcome]
+
+        def decide(state: RegistryState) -> AuditEntry:
+            running = self._canary(state)
+            if version is not None and running.version != version:
+                raise RegistryError(f"v{version} is no longer the canary (v{running.version} is)")
+            return AuditEntry(
+                actor=actor,
+                action=action,
+                from_version=state.live,
+                to_version=running.version,
+                reason=reason or f"canary {outcome}",
+                canary=evidence,
+            )
+
+        return self._change(decide)[0]
+
+    @staticmethod
+    def _canary(state: RegistryState):
+        if state.canary is None:
+            raise RegistryError("no canary is running")
+        return state.canary
 
     def set_flag(self, action: FlagAction, actor: str, reason: str = "") -> RegistryState:
         FLAGS[action]  # noqa: B018 - a KeyError names an unknown action

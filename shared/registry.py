@@ -41,8 +41,9 @@ WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 
 # inconclusive: the gate could not tell whether the candidate is worse (gate.on_inconclusive
-# = hold); it waits for an operator's promote or reject.
-AdapterState = Literal["candidate", "inconclusive", "live", "rejected", "retired"]
+# = hold); it waits for an operator's promote or reject. canary: it serves a share of the main
+# alias's users beside live until the canary rule (shared/canary.py) or an operator decides.
+AdapterState = Literal["candidate", "inconclusive", "canary", "live", "rejected", "retired"]
 
 
 class Manifest(BaseModel):
@@ -230,10 +231,25 @@ class AdapterStore:
 
 
 # -- lifecycle ------------------------------------------------------------------------------------
+class Canary(BaseModel):
+    """A version serving `share` of the main alias's users beside `live` (`against`), the same
+    users on every replica (serving/aliases.py). Its decision rule's settings are fixed here
+    when it starts, so every reader judges it alike."""
+
+    version: int
+    against: int | None  # the live version it is compared with (None = base)
+    share: float = Field(gt=0, lt=1)
+    started_at: datetime
+    min_ratings: int  # per arm, before the rule may promote
+    max_ratings: int  # per arm: the horizon; an operator may extend it
+    margin: float  # how much worse (share of negative ratings) still counts as not worse
+
+
 class RegistryState(BaseModel):
     states: dict[int, AdapterState] = Field(default_factory=dict)
     gate_results: dict[int, dict[str, Any]] = Field(default_factory=dict)
     live: int | None = None
+    canary: Canary | None = None
     pinned: bool = False  # pinned: nothing moves `live` automatically (the gate only proposes)
     learning_paused: bool = False
     revision: int = 0  # the number of audit entries applied; followers compare it
@@ -247,6 +263,9 @@ class AuditEntry(BaseModel):
     to_version: int | None = None
     reason: str = ""
     gate: dict[str, Any] | None = None  # the gate's result, for gate verdicts
+    # canary-start: the Canary's fields; canary-extend: {"max_ratings": N}; a canary's decision:
+    # the evidence (shared/canary.py)
+    canary: dict[str, Any] | None = None
 
 
 class RegistryError(ValueError):
@@ -261,13 +280,29 @@ def apply_entry(state: RegistryState, entry: AuditEntry) -> None:
     if entry.action in ("promote", "promote-override", "rollback"):
         if state.live is not None:
             state.states[state.live] = "retired"
+        if state.canary is not None and state.canary.version != entry.to_version:
+            # live moved under a running canary: its comparison no longer holds
+            state.states[state.canary.version] = "candidate"
+        state.canary = None
         if entry.to_version is not None:
             state.states[entry.to_version] = "live"
         state.live = entry.to_version
+    elif entry.action == "canary-start":
+        state.canary = Canary(**entry.canary, started_at=entry.at)
+        state.states[entry.to_version] = "canary"
+    elif entry.action == "canary-extend":
+        state.canary = state.canary.model_copy(update=entry.canary)
+    elif entry.action == "canary-stop":
+        state.states[entry.to_version] = "candidate"
+        state.canary = None
     elif entry.action == "reject":
         state.states[entry.to_version] = "rejected"
+        if state.canary is not None and state.canary.version == entry.to_version:
+            state.canary = None
     elif entry.action == "hold-inconclusive":
         state.states[entry.to_version] = "inconclusive"
+        if state.canary is not None and state.canary.version == entry.to_version:
+            state.canary = None
     elif entry.action in ("pin", "unpin"):
         state.pinned = entry.action == "pin"
     elif entry.action in ("pause-learning", "resume-learning"):

@@ -22,6 +22,7 @@ from shared.kafka import EmbeddedBroker, consumer, ensure_topics, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
+OTHER_KEY = "other-test-key"  # a second client of the same servers
 
 
 def pytest_configure(config):
@@ -105,7 +106,7 @@ def start_server(
         "DYNALIGN_MODEL__MAX_MODEL_LEN": "512",
         "DYNALIGN_DATA_DIR": str(data_dir),
         "DYNALIGN_SERVING__OUTBOX_DIR": str(outbox),
-        "DYNALIGN_SERVING__API_KEYS": json.dumps([API_KEY]),
+        "DYNALIGN_SERVING__API_KEYS": json.dumps([API_KEY, OTHER_KEY]),
         "DYNALIGN_SERVING__MAX_REQUEST_BYTES": str(256 * 1024),
         "DYNALIGN_SERVING__USER_HASH_SALT": "test-salt",
         **(env or {}),

@@ -35,23 +35,28 @@ from shared.schemas import Choice, InteractionRecord, SamplingParams, Usage
 TOPIC = KafkaConfig().interactions_topic
 
 
-def record(conversation: str, text: str, **fields: Any) -> InteractionRecord:
-    now = datetime.now(UTC)
+def record(
+    conversation: str, text: str, at: datetime | None = None, answer: str = "ok", **fields: Any
+) -> InteractionRecord:
+    """A served chat of one user turn `text` (or `messages=`), answered `answer` at `at`."""
+    at = at or datetime.now(UTC)
     return InteractionRecord(
-        conversation_id=conversation,
-        created_at=now,
-        served_at=now,
-        model_alias="m",
-        adapter_version=None,
-        user_hash="u",
-        messages=[{"role": "user", "content": text}],
-        response=[Choice(index=0, content="ok", finish_reason="stop")],
-        sampling=SamplingParams(),
-        usage=Usage(),
-        latency_ms=1.0,
-        ttft_ms=None,
-        finish_reason="stop",
-        **fields,
+        **{
+            "conversation_id": conversation,
+            "created_at": at,
+            "served_at": at,
+            "model_alias": "m",
+            "adapter_version": None,
+            "user_hash": "u",
+            "messages": [{"role": "user", "content": text}],
+            "response": [Choice(index=0, content=answer, finish_reason="stop")],
+            "sampling": SamplingParams(),
+            "usage": Usage(),
+            "latency_ms": 1.0,
+            "ttft_ms": None,
+            "finish_reason": "stop",
+            **fields,
+        }
     )
 
 

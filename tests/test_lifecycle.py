@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from shared.config import GateConfig
 from shared.lifecycle import TRANSITIONS, Lifecycle
 from shared.registry import Registry, RegistryError
 
@@ -37,6 +38,7 @@ def registry(lifecycle):
 PASSED = {"outcome": "pass", "reasons": []}
 FAILED = {"outcome": "reject", "reasons": ["KL 9 > 0.5"]}
 UNSURE = {"outcome": "inconclusive", "reasons": ["score -0.1 (95% CI -0.3..+0.1)"]}
+RULE = GateConfig().canary_rule(share=0.2)
 
 
 def sha(registry, version):
@@ -97,6 +99,7 @@ STATES = {
     "retired": lambda lc: (lc.promote(1, "x"), lc.promote(2, "x")),
     "rejected": lambda lc: lc.reject(1, "x", "bad"),
     "inconclusive": lambda lc: lc.record_verdict(1, UNSURE, sha(lc.registry, 1), True, "hold"),
+    "canary": lambda lc: lc.start_canary(1, RULE, "x"),
 }
 ACTIONS = {
     "promote": lambda lc: lc.promote(1, "op"),
@@ -106,6 +109,7 @@ ACTIONS = {
     "verdict pass": lambda lc: lc.record_verdict(1, PASSED, sha(lc.registry, 1), True),
     "verdict fail": lambda lc: lc.record_verdict(1, FAILED, sha(lc.registry, 1), True),
     "verdict unsure": lambda lc: lc.record_verdict(1, UNSURE, sha(lc.registry, 1), True, "hold"),
+    "canary-start": lambda lc: lc.start_canary(1, RULE, "op"),
 }
 EXPECTED = {  # (action, state of v1 before) -> state of v1 after, or the refusal's words
     ("promote", "candidate"): "live",
@@ -144,6 +148,20 @@ EXPECTED = {  # (action, state of v1 before) -> state of v1 after, or the refusa
     ("verdict pass", "inconclusive"): "it is inconclusive",
     ("verdict fail", "inconclusive"): "it is inconclusive",
     ("verdict unsure", "inconclusive"): "it is inconclusive",
+    # A canary: decided by its rule or an operator (promote, reject), never judged again.
+    ("promote", "canary"): "live",
+    ("promote-override", "canary"): "live",
+    ("rollback --to", "canary"): "it is canary",
+    ("reject", "canary"): "rejected",
+    ("verdict pass", "canary"): "it is canary",
+    ("verdict fail", "canary"): "it is canary",
+    ("verdict unsure", "canary"): "it is canary",
+    ("canary-start", "candidate"): "canary",
+    ("canary-start", "inconclusive"): "canary",
+    ("canary-start", "canary"): "already a canary",
+    ("canary-start", "live"): "already live",
+    ("canary-start", "retired"): "it is retired",
+    ("canary-start", "rejected"): "rejected by the gate",
 }
 
 
@@ -151,7 +169,7 @@ EXPECTED = {  # (action, state of v1 before) -> state of v1 after, or the refusa
 def test_every_transition_is_allowed_or_refused_by_the_one_table(lifecycle, action, before):
     STATES[before](lifecycle)
     expected = EXPECTED[(action, before)]
-    if expected in ("live", "rejected", "retired", "candidate", "inconclusive"):
+    if expected in ("live", "rejected", "retired", "candidate", "inconclusive", "canary"):
         ACTIONS[action](lifecycle)
         assert lifecycle.state().states.get(1, "candidate") == expected
     else:
@@ -164,7 +182,53 @@ def test_every_transition_is_allowed_or_refused_by_the_one_table(lifecycle, acti
 
 
 def test_the_table_names_every_action_the_lifecycle_takes():
-    assert set(TRANSITIONS) == {"promote", "promote-override", "rollback", "reject", "verdict"}
+    assert set(TRANSITIONS) == {
+        "promote",
+        "promote-override",
+        "rollback",
+        "reject",
+        "verdict",
+        "canary-start",
+    }
+
+
+def test_a_canary_starts_from_a_pass_and_ends_by_its_rule_or_an_operator(lifecycle, registry):
+    state, action = lifecycle.record_verdict(1, PASSED, sha(registry, 1), True, canary=RULE)
+    assert action == "canary-start" and state.live is None and state.states[1] == "canary"
+    assert (state.canary.version, state.canary.against, state.canary.share) == (1, None, 0.2)
+    # one canary at a time: the next pass waits for an operator
+    state, action = lifecycle.record_verdict(2, PASSED, sha(registry, 2), True, canary=RULE)
+    assert action == "await-operator" and state.canary.version == 1
+    assert "another canary is running" in registry.audit_log()[-1].reason
+    state = lifecycle.extend_canary(800, "ops", "quiet weekend")
+    assert state.canary.max_ratings == 800
+    with pytest.raises(RegistryError, match="extend beyond it"):
+        lifecycle.extend_canary(100, "ops")
+    evidence = {"diff": -0.02}
+    state = lifecycle.end_canary("promote", "canary-rule", "not worse", evidence)
+    assert state.live == 1 and state.canary is None and state.states[1] == "live"
+    assert registry.audit_log()[-1].canary == evidence
+    # rolled back: rejected; stopped: a candidate again; inconclusive: held for an operator
+    for outcome, after in (("rollback", "rejected"), ("stop", "candidate")):
+        lifecycle.start_canary(3 if outcome == "rollback" else 2, RULE, "ops")
+        state = lifecycle.end_canary(outcome, "ops")
+        assert state.canary is None and state.live == 1
+        assert state.states[3 if outcome == "rollback" else 2] == after
+    lifecycle.start_canary(2, RULE, "ops")
+    assert lifecycle.end_canary("inconclusive", "canary-rule").states[2] == "inconclusive"
+    with pytest.raises(RegistryError, match="no canary is running"):
+        lifecycle.end_canary("stop", "ops")
+    lifecycle.start_canary(2, RULE, "ops")  # the rule's evidence was about another canary
+    with pytest.raises(RegistryError, match="v3 is no longer the canary"):
+        lifecycle.end_canary("promote", "canary-rule", version=3)
+    assert Registry(registry.root).read_state() == lifecycle.state()
+
+
+def test_live_moving_under_a_canary_ends_it(lifecycle, registry):
+    lifecycle.promote(1, "ops")
+    lifecycle.start_canary(2, RULE, "ops")
+    state = lifecycle.promote(3, "ops")  # the comparison with v1 no longer holds
+    assert state.canary is None and state.states[2] == "candidate" and state.live == 3
 
 
 @pytest.mark.parametrize(

@@ -383,6 +383,15 @@ def traffic(server) -> None:
     client.chat.completions.create(
         messages=[{"role": "user", "content": prompts[0]}], user=f"{tag}-user-dup", **ask
     )
+    # ... and by its user, who asks for another answer (a regenerated one) and rates it.
+    again = client.chat.completions.with_raw_response.create(
+        messages=[{"role": "user", "content": prompts[1]}], user=f"{tag}-user-1", **ask
+    )
+    client.post(
+        "/feedback",
+        body={"interaction_id": again.headers["x-dynalign-interaction-id"], "rating": "down"},
+        cast_to=object,
+    )
     list(
         client.chat.completions.create(  # a stream: time to first token
             messages=[{"role": "user", "content": f"Stream a plan ({tag})"}],

@@ -276,13 +276,13 @@ def test_bad_requests_get_openai_style_errors(client, server):
 
 
 def test_broker_outage_loses_nothing(client, server, broker):
-    """Stop the broker, keep chatting, bring it back (empty: in-memory storage): every request
-    succeeded and every interaction arrives exactly once."""
+    """Stop the broker, keep chatting and rating the answers, bring it back (empty: in-memory
+    storage): every request succeeded and every interaction and rating arrives exactly once."""
     tag = conversation("outage")
     broker.stop()
     try:
         served = [
-            client.chat.completions.create(
+            client.chat.completions.with_raw_response.create(
                 model="dynalign",
                 messages=ask(f"q{i}"),
                 extra_headers=tag,
@@ -291,7 +291,12 @@ def test_broker_outage_loses_nothing(client, server, broker):
             )
             for i in range(6)
         ]
-        assert all(r.choices[0].message.content is not None for r in served)
+        assert all(r.parse().choices[0].message.content is not None for r in served)
+        interactions = [r.headers["x-dynalign-interaction-id"] for r in served]
+        for interaction in interactions:
+            client.post(
+                "/feedback", body={"interaction_id": interaction, "rating": "up"}, cast_to=object
+            )
         assert server.metric("dynalign_outbox_depth_records") >= 1
     finally:
         broker.start()
@@ -304,5 +309,14 @@ def test_broker_outage_loses_nothing(client, server, broker):
         settle_s=2.0,
     )
     ids = [r["id"] for r, _ in found]
-    assert len(ids) == 6 and len(set(ids)) == 6
+    assert len(ids) == 6 and len(set(ids)) == 6 and set(ids) == set(interactions)
+    ratings = read_records(
+        broker.bootstrap,
+        KafkaConfig().feedback_topic,
+        lambda r: r["interaction_id"] in ids,
+        expected=6,
+        timeout_s=60,
+        settle_s=1.0,
+    )
+    assert sorted(r["interaction_id"] for r, _ in ratings) == sorted(ids)
     assert server.metric("dynalign_outbox_publish_errors_total") >= 1
