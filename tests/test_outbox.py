@@ -456,6 +456,7 @@ def test_topics_take_replication_and_size_limits_from_the_config(monkeypatch):
         cfg.interactions_topic: 3,
         cfg.dlq_topic: 3,
         cfg.adapters_topic: 3,
+        cfg.feedback_topic: 3,
     }
     assert all(spec["configs"]["min.insync.replicas"] == "2" for spec in specs.values())
     assert specs[cfg.interactions_topic]["configs"]["max.message.bytes"] == "1048576"
@@ -548,7 +549,7 @@ def test_an_intact_retained_log_reseeds_with_matching_offsets(tmp_path):
     with EmbeddedBroker() as broker:
         reseeded = outbox_for(tmp_path, broker.bootstrap, retain=True).reseed()
         assert reseeded.records == 12 and reseeded.offsets_match is True
-        assert reseeded.ends == {p: len(ids) for p, ids in before.items() if ids}
+        assert reseeded.ends == {f"{TOPIC}:{p}": len(ids) for p, ids in before.items() if ids}
         assert topic_contents(broker.bootstrap) == before
 
 
