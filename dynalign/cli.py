@@ -118,8 +118,11 @@ def _refuse(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _outbox(cfg: DynalignConfig, retain: bool = False):
-    """The server's interaction outbox (serving/outbox.py), forwarding to cfg.kafka."""
+def _outbox(cfg: DynalignConfig, retain: bool = False, embedded: bool = False):
+    """The server's interaction outbox (serving/outbox.py), forwarding to cfg.kafka.
+    `embedded`: to `up`'s Tansu, which reports a partition's end one short after a batch of
+    several records (the last stays unread, and a learner checkpointed past that end reads the
+    topic again from 0), so each record goes in a batch of its own."""
     from serving.outbox import Outbox
     from shared.files import DirectoryInUse
     from shared.kafka import ensure_topics, producer
@@ -135,6 +138,7 @@ def _outbox(cfg: DynalignConfig, retain: bool = False):
             request_timeout_ms=5000,
             delivery_timeout_ms=10000,
             max_request_size=cfg.kafka.max_message_bytes,
+            **({"batch_size": 1} if embedded else {}),  # a batch always takes one record
         )
 
     try:
@@ -369,7 +373,7 @@ def up(
             broker = EmbeddedBroker().start()
             cleanups.callback(broker.stop)
             cfg.kafka.bootstrap = broker.bootstrap
-        outbox = _outbox(cfg, retain=embedded and not ephemeral)
+        outbox = _outbox(cfg, retain=embedded and not ephemeral, embedded=embedded)
         broker_note = ""
         if embedded and ephemeral:
             broker_note = " (embedded Tansu, in-memory)"

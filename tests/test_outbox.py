@@ -29,6 +29,7 @@ from shared.kafka import (
     ensure_topics,
     free_port,
     producer,
+    range_offsets,
     topic_specs,
 )
 from shared.schemas import SCHEMA_VERSION_HEADER
@@ -571,3 +572,31 @@ def test_one_outbox_directory_serves_one_process(tmp_path):
         outbox_for(tmp_path, "x:1")
     first.close()
     outbox_for(tmp_path, "x:1").close()  # free again once closed
+
+
+def test_up_reseeds_a_conversation_so_that_every_record_is_readable(tmp_path, monkeypatch):
+    """Embedded Tansu reports a partition's end one short after a batch of several records: the
+    last one stays unread, and a learner whose checkpoint points past that end reads the topic
+    again from 0. `up`'s outbox therefore sends it one record per batch; a re-seed, which sends a
+    whole window at once, is where that shows."""
+    from dynalign.cli import _outbox
+
+    monkeypatch.delenv("DYNALIGN_CONFIG", raising=False)
+    cfg = DynalignConfig(serving={"outbox_dir": tmp_path / "outbox"})
+    with EmbeddedBroker() as broker:
+        cfg.kafka.bootstrap = broker.bootstrap
+        box = _outbox(cfg, retain=True, embedded=True)
+        box.start()
+        for i in range(6):  # one conversation: one partition
+            box.append(record("c-1", f"m{i}"))
+        assert box.wait_drained(timeout_s=30)
+        box.close()
+    with EmbeddedBroker() as broker:
+        cfg.kafka.bootstrap = broker.bootstrap
+        box = _outbox(cfg, retain=True, embedded=True)
+        try:
+            assert box.reseed().records == 6
+            first, end = range_offsets(broker.bootstrap, cfg.kafka.interactions_topic, None, None)
+        finally:
+            box.close()
+    assert sorted(end[tp] - first[tp] for tp in end) == [0, 0, 6]
