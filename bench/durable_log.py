@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from serving.outbox import Outbox  # noqa: E402
 from shared.config import KafkaConfig  # noqa: E402
-from shared.kafka import EmbeddedBroker, ensure_topics, producer  # noqa: E402
+from shared.kafka import EmbeddedBroker, ensure_topics, producer, range_offsets  # noqa: E402
 from shared.schemas import Choice, InteractionRecord, SamplingParams, Usage  # noqa: E402
 
 TOPIC = KafkaConfig().interactions_topic
@@ -57,7 +57,7 @@ def record(i: int) -> InteractionRecord:
 def outbox(directory: Path, bootstrap: str) -> Outbox:
     def connect():
         ensure_topics(KafkaConfig(bootstrap=bootstrap))
-        return producer(bootstrap)
+        return producer(bootstrap, **EmbeddedBroker.PRODUCER_OPTIONS)  # as `up` sends
 
     return Outbox(directory, TOPIC, connect, retain=True)
 
@@ -78,7 +78,9 @@ def measure(records: int) -> dict:
         size = sum(p.stat().st_size for p in directory.glob("segment-*.jsonl"))
         with EmbeddedBroker() as second:
             reseeded = outbox(directory, second.bootstrap).reseed()
+            first, end = range_offsets(second.bootstrap, TOPIC, None, None)
     assert reseeded.records == records
+    assert sum(end.values()) - sum(first.values()) == records, "some records are not readable"
     return {
         "records": records,
         "bytes_on_disk": size,

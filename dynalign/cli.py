@@ -119,13 +119,11 @@ def _refuse(exc: Exception) -> None:
 
 
 def _outbox(cfg: DynalignConfig, retain: bool = False, embedded: bool = False):
-    """The server's interaction outbox (serving/outbox.py), forwarding to cfg.kafka.
-    `embedded`: to `up`'s Tansu, which reports a partition's end one short after a batch of
-    several records (the last stays unread, and a learner checkpointed past that end reads the
-    topic again from 0), so each record goes in a batch of its own."""
+    """The server's interaction outbox (serving/outbox.py), forwarding to cfg.kafka, or to
+    `up`'s embedded Tansu (`embedded`), which needs a batch per record."""
     from serving.outbox import Outbox
     from shared.files import DirectoryInUse
-    from shared.kafka import ensure_topics, producer
+    from shared.kafka import EmbeddedBroker, ensure_topics, producer
 
     def connect():
         # Called on every (re)connect: a broker that came back empty gets its topics again.
@@ -138,7 +136,7 @@ def _outbox(cfg: DynalignConfig, retain: bool = False, embedded: bool = False):
             request_timeout_ms=5000,
             delivery_timeout_ms=10000,
             max_request_size=cfg.kafka.max_message_bytes,
-            **({"batch_size": 1} if embedded else {}),  # a batch always takes one record
+            **(EmbeddedBroker.PRODUCER_OPTIONS if embedded else {}),
         )
 
     try:
