@@ -4,7 +4,7 @@ rollout engine): tokens/s of each, alone and running at once. Writes JSON.
     python bench/cpu_placement.py              # SmolLM2-135M-Instruct, float32 (the CPU default)
 
 Placements: dynalign's (the model in the engine-core process, a thread per core with a short
-OpenMP spin: shared/engine.set_openmp_environment), and vLLM's default (a worker process per
+OpenMP spin: shared/engine.use_learner_threads), and vLLM's default (a worker process per
 engine; its `auto` binding gives each engine the cores of one NUMA node minus one it reserves,
 on a 2-core machine core 0 for both; or every core for each). Each engine runs in its own
 process, loads, warms up, and waits; all engines of a scenario then generate the same batch
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 MARK = "PLACEMENT "  # prefix of the worker's protocol lines on stdout
-DYNALIGN: dict[str, str] = {}  # what set_openmp_environment and engine_kwargs set
+DYNALIGN: dict[str, str] = {}  # what use_learner_threads and engine_kwargs set
 WORKER_AUTO = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": "auto"}
 WORKER_ALL_CORES = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
@@ -123,9 +123,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args.sequences, args.max_tokens)
-    from shared.engine import set_openmp_environment
+    from shared.engine import use_learner_threads
 
-    set_openmp_environment()  # every engine's, as the CLI does; a scenario overrides
+    use_learner_threads()  # every engine's, as the learner's; a scenario overrides
 
     scenarios = {}
     for name, environments in SCENARIOS.items():

@@ -137,9 +137,9 @@ def main() -> None:
             args.answer_tokens, Path(args.out),
         )  # fmt: skip
 
-    from shared.engine import set_openmp_environment
+    from shared.engine import use_learner_threads
 
-    set_openmp_environment()  # for the workers' engines, as the CLI does
+    use_learner_threads()  # the workers run in-process engines, as the learner does
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.exists() else {"benchmark": "lora_sweep", "runs": []}
     done.update(

@@ -145,7 +145,7 @@ def _outbox(cfg: DynalignConfig, retain: bool = False, embedded: bool = False):
             cfg.kafka.interactions_topic,
             connect,
             feedback_topic=cfg.kafka.feedback_topic,
-            fsync_interval_ms=cfg.serving.outbox_fsync_interval_ms,
+            commit_delay_ms=cfg.serving.outbox_commit_delay_ms,
             segment_bytes=cfg.serving.outbox_segment_bytes,
             max_message_bytes=cfg.kafka.max_message_bytes,
             max_queued_records=cfg.serving.outbox_max_queued_records,
@@ -485,6 +485,9 @@ def learn(
 ) -> None:
     """Consume interactions, self-score G rollouts per prompt, GRPO-update the LoRA adapter,
     and publish a candidate adapter version every K steps."""
+    from shared.engine import use_learner_threads
+
+    use_learner_threads()  # before anything imports torch
     span_bounds = _replay_bounds(replay) if replay else None
     cfg = config_or_exit(
         config,
@@ -564,9 +567,6 @@ def learn(
 
 
 def main() -> None:
-    from shared.engine import set_openmp_environment
-
-    set_openmp_environment()  # before any command imports torch
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app()
 

@@ -55,22 +55,29 @@ def has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def set_openmp_environment() -> None:
-    """OpenMP settings for vLLM CPU engines and the learner's torch, where not set already.
-    libgomp reads them once, when torch loads it: so `dynalign`'s entry point calls this
-    before anything imports torch. A thread per allowed core, and a short spin at barriers.
+# OpenMP settings of the learner's process (its in-process rollout engine and its torch): a
+# thread per allowed core, and a short spin at barriers. libgomp reads them once, when torch
+# loads it, so `dynalign learn` sets them before anything imports torch.
+#
+# Why: the learner's engine runs in-process (engine_kwargs), where vLLM's own thread binding (a
+# worker process per engine, VLLM_CPU_OMP_THREADS_BIND) does not apply; libgomp's default spin
+# (300k iterations) makes two engines sharing the cores wait on each other's spinning threads.
+# Pinning (GOMP_CPU_AFFINITY) is left out: it pins the process's main thread to the first core.
+# Measured on 2 cores (SmolLM2, 32 x 128 tokens each, bench/results/cpu_placement.json): two
+# engines at once 69 + 68 tokens/s, 20 + 20 with libgomp's default spin.
+#
+# The serving engine (`dynalign serve`, `up`'s server) gets none of this: it runs with vLLM's
+# own choices, so it is vLLM's server by construction on any machine. Inherited by the server's
+# engine core (before issue 26), they cost it 7% of throughput on two cores and up to 19% in a
+# round where two threads shared one core (bench/results/serving-causes/).
+LEARNER_THREADS = {"GOMP_SPINCOUNT": "10000"}
 
-    Why: our CPU engines run in-process (engine_kwargs), so vLLM's own thread binding (a worker
-    process per engine, VLLM_CPU_OMP_THREADS_BIND) no longer applies, and vLLM's engine core
-    would drop torch to one thread. libgomp's default spin (300k iterations) makes two engines
-    sharing the cores wait on each other's spinning threads. Pinning (GOMP_CPU_AFFINITY) is
-    left out: it pins each process's main thread, and so every server, engine core and learner,
-    to the first core. Measured on 2 cores (SmolLM2, 32 x 128 tokens each,
-    bench/results/cpu_placement.json): one engine 142 tokens/s (102 in vLLM's worker process
-    with its `auto` binding); two at once 69 + 68 (73 + 71 as worker processes on every core),
-    20 + 20 with libgomp's default spin."""
+
+def use_learner_threads() -> None:
+    """The learner's OpenMP settings (LEARNER_THREADS), where not set already."""
     os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+    for name, value in LEARNER_THREADS.items():
+        os.environ.setdefault(name, value)
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:
