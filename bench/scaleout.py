@@ -233,7 +233,7 @@ def rehearse(model: Path, work: Path, replicas: int = 3, clients: int = 2) -> di
                 "DYNALIGN_SERVING__RATE_LIMIT_PER_CLIENT": "1000",
             }
             if i == VICTIM:  # a long group commit: an answer sent before its fsync would be lost
-                env["DYNALIGN_SERVING__OUTBOX_FSYNC_INTERVAL_MS"] = "400"
+                env["DYNALIGN_SERVING__OUTBOX_COMMIT_DELAY_MS"] = "400"
             log = work / f"replica-{i}" / "serve.log"
             servers.append(Process(f"replica-{i}", ["serve", "--port", str(port)], env, log))
         learner_port = free_port()

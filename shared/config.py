@@ -95,10 +95,12 @@ class ServingConfig(Section):
     rate_limit_burst: int = Field(40, ge=1)
     max_in_flight: int = Field(256, ge=1)  # all clients; beyond it the server is saturated
     outbox_dir: Path = Path("outbox")  # unless set: in the data directory
-    # The outbox's group commit: records arriving within this window share one fsync. An answer
-    # waits for its record's fsync (at most outbox_reply_wait_ms, for a stalled disk), so a
-    # server killed right after answering has lost nothing it answered.
-    outbox_fsync_interval_ms: int = Field(10, ge=0)
+    # The outbox's group commit: a record is fsynced together with whatever is queued behind
+    # it, after waiting at most this long for more (0: at once; records arriving during an
+    # fsync share the next one). An answer waits for its record's fsync (at most
+    # outbox_reply_wait_ms, for a stalled disk), so a server killed right after answering has
+    # lost nothing it answered.
+    outbox_commit_delay_ms: int = Field(0, ge=0)
     outbox_reply_wait_ms: int = Field(1000, ge=0)
     outbox_segment_bytes: int = 16 << 20
     # Records waiting for the outbox's writer; beyond this (the disk refuses writes) new records

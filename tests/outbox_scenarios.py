@@ -69,7 +69,7 @@ def outbox_for(directory: Path, bootstrap: str, **options: Any) -> Outbox:
             bootstrap, max_block_ms=1000, request_timeout_ms=1000, delivery_timeout_ms=2000
         )
 
-    return Outbox(directory, TOPIC, connect, **{"fsync_interval_ms": 10, **options})
+    return Outbox(directory, TOPIC, connect, **{"commit_delay_ms": 10, **options})
 
 
 def sample(name: str, **labels: str) -> float:

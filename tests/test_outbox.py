@@ -134,7 +134,7 @@ def test_acknowledged_segments_are_trimmed(tmp_path):
             tmp_path,
             TOPIC,
             lambda: producer(broker.bootstrap),
-            fsync_interval_ms=5,
+            commit_delay_ms=5,
             segment_bytes=2000,
         )  # a few records per segment
         ensure_topics(KafkaConfig(bootstrap=broker.bootstrap))
