@@ -68,16 +68,15 @@ def has_gpu() -> bool:
 #
 # The serving engine (`dynalign serve`, `up`'s server) gets none of this: it runs with vLLM's
 # own choices, so it is vLLM's server by construction on any machine. Inherited by the server's
-# engine core (before issue 26), they cost it 7% of throughput on two cores and up to 19% in a
-# round where two threads shared one core (bench/results/serving-causes/).
-LEARNER_THREADS = {"GOMP_SPINCOUNT": "10000"}
+# engine core (before issue 26), they cost it 7-12% of throughput on two cores, single rounds
+# down to 0.74x vLLM's server (bench/results/serving-causes/).
+LEARNER_SPINCOUNT = "10000"
 
 
 def use_learner_threads() -> None:
-    """The learner's OpenMP settings (LEARNER_THREADS), where not set already."""
+    """The learner's OpenMP settings, where not set already."""
     os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
-    for name, value in LEARNER_THREADS.items():
-        os.environ.setdefault(name, value)
+    os.environ.setdefault("GOMP_SPINCOUNT", LEARNER_SPINCOUNT)
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:

@@ -12,7 +12,7 @@ import pytest
 import typer
 
 from dynalign import cli
-from shared.engine import LEARNER_THREADS
+from shared.engine import LEARNER_SPINCOUNT
 
 OPENMP = ("OMP_NUM_THREADS", "GOMP_SPINCOUNT")
 
@@ -45,5 +45,5 @@ def test_dynalign_serve_leaves_the_engine_to_vllms_own_thread_settings(monkeypat
 
 def test_dynalign_learn_keeps_the_learners_thread_settings(monkeypatch):
     seen = _run_cli(monkeypatch, ["learn", "--kafka", "127.0.0.1:9"])
-    assert seen["GOMP_SPINCOUNT"] == LEARNER_THREADS["GOMP_SPINCOUNT"]
+    assert seen["GOMP_SPINCOUNT"] == LEARNER_SPINCOUNT
     assert int(seen["OMP_NUM_THREADS"]) >= 1
