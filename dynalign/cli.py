@@ -202,22 +202,21 @@ def serve(
     _run_server(cfg)
 
 
-def _demo_salt(cfg: DynalignConfig) -> None:
-    """`dynalign up` needs no set-up: a random salt is generated once and kept (0600) beside
-    in the data directory, so pseudonyms stay stable across restarts of the demo."""
+def _kept_secret(cfg: DynalignConfig, name: str):
+    """`dynalign up` needs no set-up: a secret it needs is generated once and kept (0600) in the
+    data directory, so it stays the same across restarts (the users' pseudonyms' salt, the
+    learner's operator token)."""
     import secrets
 
     from pydantic import SecretStr
 
-    if cfg.serving.user_hash_salt is not None:
-        return
-    path = cfg.data_dir / "user_hash_salt"
+    path = cfg.data_dir / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
-    cfg.serving.user_hash_salt = SecretStr(path.read_text().strip())
+    return SecretStr(path.read_text().strip())
 
 
 @contextmanager
@@ -287,7 +286,8 @@ def _end(processes: Iterable, grace_s: float = 10.0) -> None:
 def _spawn_learner(
     cfg: DynalignConfig, config: Path | None, engine_args: list[str] | None
 ) -> subprocess.Popen:
-    """The learner runs as its own process (own engine, own metrics port) beside the server."""
+    """The learner runs as its own process (the trainer, its own metrics port) beside the
+    server, and rolls out on the server's engine."""
     import sys
 
     cmd = [
@@ -307,7 +307,15 @@ def _spawn_learner(
         cmd += ["--config", str(config)]
     for pair in engine_args or []:
         cmd += ["--engine-arg", pair]
-    return subprocess.Popen(cmd)
+    host = cfg.serving.host if cfg.serving.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    env = {
+        **os.environ,
+        "DYNALIGN_LEARNER__ROLLOUT_ENDPOINTS": json.dumps([f"http://{host}:{cfg.serving.port}"]),
+        "DYNALIGN_LEARNER__ROLLOUT_TOKEN": cfg.serving.operator_tokens[
+            "learner"
+        ].get_secret_value(),
+    }
+    return subprocess.Popen(cmd, env=env)
 
 
 def _stop_child(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
@@ -360,7 +368,10 @@ def up(
             f"{cfg.data_dir} (move runs/adapters, runs/learner and runs/outbox there to keep "
             "it)[/yellow]"
         )
-    _demo_salt(cfg)
+    if cfg.serving.user_hash_salt is None:
+        cfg.serving.user_hash_salt = _kept_secret(cfg, "user_hash_salt")
+    # The learner rolls out on this server, through the operator-only rollout routes.
+    cfg.serving.operator_tokens.setdefault("learner", _kept_secret(cfg, "learner_token"))
     try:
         check_exposure(cfg)  # before the broker and the learner start
     except InsecureConfig as exc:

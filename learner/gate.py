@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from learner.grpo import collate, training_inputs
 from learner.policy import adapters_disabled, sequence_logprobs
-from learner.rollout import RolloutEngine
+from learner.rollout import Engine
 from shared.config import GateConfig
 from shared.files import read_jsonl
 from shared.judge import (
@@ -85,7 +85,7 @@ def probe_prompts(cfg: GateConfig) -> list[list[dict[str, str]]]:
 
 
 class Gate:
-    def __init__(self, cfg: GateConfig, engine: RolloutEngine, model, layers, tokenizer) -> None:
+    def __init__(self, cfg: GateConfig, engine: Engine, model, layers, tokenizer) -> None:
         self.cfg = cfg
         self.engine = engine
         self.model, self.layers, self.tokenizer = model, layers, tokenizer

@@ -33,7 +33,8 @@ from learner.consumer import PromptBatch, PromptFilter, PromptSource, TrainingPr
 from learner.gate import Gate
 from learner.grpo import collate, group_advantages, micro_batches, training_inputs
 from learner.policy import apply_lora, grpo_step, lora_layers, make_optimizer
-from learner.rollout import Completion, RolloutEngine, check_fits
+from learner.rollout import Completion, Engine, InProcessEngine, check_fits
+from learner.served import ServedEngine
 from shared.config import DynalignConfig
 from shared.files import atomic_write, lock_directory
 from shared.lifecycle import Lifecycle
@@ -109,7 +110,7 @@ class Learner:
         self.offsets: dict[str, int] = {}
         self.deferred: list[TrainingPrompt] = []
         self.source: PromptSource | None = None
-        self.engine: RolloutEngine | None = None
+        self.engine: Engine | None = None
 
     def setup(self) -> Learner:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -131,7 +132,12 @@ class Learner:
         self.lifecycle.reconcile()
         self.run_id = run_id(self.workdir)
         self.fingerprint = base_fingerprint(self.model_path)
-        self.engine = RolloutEngine(self.cfg.model, lc, self.workdir / "rollout")
+        # The serving engines when any are named (`dynalign up`'s own), else one of our own.
+        self.engine = (
+            ServedEngine(self.cfg, self.workdir / "rollout")
+            if lc.rollout_endpoints
+            else InProcessEngine(self.cfg.model, lc, self.workdir / "rollout")
+        )
         self.reward_fn = self.reward_fn or self.engine.self_scores
         self.gate = (
             Gate(self.cfg.gate, self.engine, self.model, self.layers, self.tokenizer)

@@ -1,4 +1,13 @@
-"""Rollouts and self-scoring on vLLM, in process (the same engine the server runs).
+"""Rollouts and self-scoring: what the learner asks of an inference engine, and the learner's own
+in-process engine.
+
+`Engine` holds the recipe (G candidates per prompt under the CA system prompt, the policy's
+0-5 self-scores, the frozen base's scores for the gate) on four primitives an engine provides:
+generate, token_distribution, lora_request, drop. Two engines provide them:
+  - `ServedEngine` (learner/served.py): a `dynalign serve` engine, the one users are served by
+    (`learner.rollout_endpoints`; what `dynalign up` uses): the learner holds only the trainer;
+  - `InProcessEngine` (here): a vLLM engine of the learner's own, for offline tools and tests
+    that need no server (TRL's "colocate" mode, beside its "server" mode).
 
 The policy is base + the learner's latest adapter. After every optimiser step the adapter is
 saved and loaded under a new engine name: vLLM keys its prefix cache by adapter name, so changed
@@ -30,6 +39,16 @@ class Completion:
     token_ids: list[int]
     text: str
     finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What both engines sample with: n candidates, nucleus sampling (temperature 0: greedy)."""
+
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 16
 
 
 # Tokens the judge generates after its prompt, by reward_mode: one digit's distribution, or a
@@ -87,32 +106,43 @@ def _digit_expectation(dist: Sequence[float]) -> float | None:
     return expected_score({str(d): math.log(p) for d, p in enumerate(dist) if p > 0})
 
 
-class RolloutEngine:
-    def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, workdir: Path) -> None:
-        from vllm import LLM
+class Engine:
+    """The recipe on an engine's primitives (see the module's docstring). `lora` handles come
+    from lora_request; None is the base model."""
 
-        from shared.engine import learner_engine_kwargs
-
+    def __init__(self, learner_cfg: LearnerConfig, workdir: Path, tokenizer, max_model_len: int):
         self.cfg = learner_cfg
-        log.info("rollout engine starting on %s", model_cfg.path or "the default model")
-        # Slots for the policy, the version being swapped in, and the gate's live version.
-        # Processed log-probs are taken after `allowed_token_ids` masks the vocabulary: over a
-        # few allowed tokens they are exactly the model's distribution renormalised over them.
-        self.llm = LLM(
-            **learner_engine_kwargs(model_cfg, max_loras=3), logprobs_mode="processed_logprobs"
-        )
-        self.tokenizer = self.llm.get_tokenizer()
-        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
         self.digit_ids = [self.single_token_id(d) for d in "012345"]
         self.workdir = Path(workdir)
         self.lora = None  # the current policy's adapter; None = base
         self._ids = itertools.count(1)
 
-    def shutdown(self) -> None:
-        """End the engine-core process now. vLLM 0.32's LLM has no shutdown of its own; its engine
-        client's terminates the process, then kills it after a grace period."""
-        self.llm.llm_engine.engine_core.shutdown()
+    # -- what an engine provides
+    def lora_request(self, path: Path, prefix: str = "adapter"):
+        """Load an adapter directory under a fresh engine name."""
+        raise NotImplementedError
 
+    def drop(self, lora) -> None:
+        raise NotImplementedError
+
+    def generate(
+        self, conversations: Sequence[list[dict[str, Any]]], sampling: Sampling, lora
+    ) -> list[list[Completion]]:
+        """`sampling.n` completions per chat."""
+        raise NotImplementedError
+
+    def token_distribution(
+        self, requests: Sequence[list[dict[str, str]]], token_ids: list[int], lora
+    ) -> list[tuple[float, ...]]:
+        """For each chat, the next-token probabilities of `token_ids`, renormalised over them."""
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        raise NotImplementedError
+
+    # -- the recipe
     def single_token_id(self, text: str) -> int:
         """The one token that spells `text` alone ("0".."5" are ids 32-37 in SmolLM2)."""
         encoded = self.tokenizer.encode(text, add_special_tokens=False)
@@ -121,19 +151,6 @@ class RolloutEngine:
                 f"{text!r} is not one token in this tokenizer ({encoded}); use reward_mode='greedy'"
             )
         return encoded[0]
-
-    def lora_request(self, path: Path, prefix: str = "adapter"):
-        """Load an adapter directory under a fresh engine name."""
-        from vllm.lora.request import LoRARequest
-
-        lora_id = next(self._ids)
-        request = LoRARequest(f"{prefix}-{lora_id}", lora_id, str(path))
-        self.llm.llm_engine.add_lora(request)
-        return request
-
-    def drop(self, lora) -> None:
-        if lora is not None:
-            self.llm.llm_engine.remove_lora(lora.lora_int_id)
 
     def load_policy(self, save: Callable[[Path], None]) -> None:
         """`save(dir)` writes the current PEFT adapter; it becomes the rollout policy."""
@@ -146,42 +163,20 @@ class RolloutEngine:
 
     def sample(self, conversations: Sequence[list[dict[str, Any]]]) -> list[list[Completion]]:
         """G candidates per conversation, with the CA system prompt in front (paper Table 5)."""
-        from vllm import SamplingParams
-
-        params = SamplingParams(
+        sampling = Sampling(
             n=self.cfg.group_size,
             temperature=self.cfg.temperature,
             top_p=self.cfg.top_p,
             max_tokens=self.cfg.max_new_tokens,
         )
-        return self._chat([rollout_messages(c) for c in conversations], params, self.lora)
+        return self.generate([rollout_messages(c) for c in conversations], sampling, self.lora)
 
     def greedy(
         self, conversations: Sequence[list[dict[str, Any]]], lora, max_tokens: int
     ) -> list[Completion]:
         """How a version answers users: greedy, no CA system prompt."""
-        from vllm import SamplingParams
-
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-        return [group[0] for group in self._chat(list(conversations), params, lora)]
-
-    def token_distribution(
-        self, requests: Sequence[list[dict[str, str]]], token_ids: list[int], lora
-    ) -> list[tuple[float, ...]]:
-        """For each chat, the next-token probabilities of `token_ids`, renormalised over them."""
-        from vllm import SamplingParams
-
-        params = SamplingParams(
-            temperature=0.0, max_tokens=1, logprobs=len(token_ids), allowed_token_ids=token_ids
-        )
-        outputs = self.llm.chat(list(requests), params, lora_request=lora, use_tqdm=False)
-        dists = []
-        for out in outputs:
-            logprobs = out.outputs[0].logprobs[0]
-            dists.append(
-                tuple(math.exp(logprobs[t].logprob) if t in logprobs else 0.0 for t in token_ids)
-            )
-        return dists
+        sampling = Sampling(max_tokens=max_tokens)
+        return [group[0] for group in self.generate(list(conversations), sampling, lora)]
 
     def self_scores(
         self,
@@ -221,20 +216,80 @@ class RolloutEngine:
         return scores
 
     def _judge(self, requests: list[list[dict[str, str]]], lora) -> list[float | None]:
-        from vllm import SamplingParams
-
         if self.cfg.reward_mode == "expected":
             return [
                 _digit_expectation(dist)
                 for dist in self.token_distribution(requests, self.digit_ids, lora)
             ]
-        params = SamplingParams(temperature=0.0, max_tokens=JUDGE_TOKENS["greedy"])
-        outputs = self.llm.chat(requests, params, lora_request=lora, use_tqdm=False)
-        return [parse_score(out.outputs[0].text) for out in outputs]
+        sampling = Sampling(max_tokens=JUDGE_TOKENS["greedy"])
+        return [parse_score(group[0].text) for group in self.generate(requests, sampling, lora)]
 
-    def _chat(self, conversations, params, lora) -> list[list[Completion]]:
-        outputs = self.llm.chat(conversations, params, lora_request=lora, use_tqdm=False)
+
+class InProcessEngine(Engine):
+    """A vLLM engine in the learner's own process."""
+
+    def __init__(self, model_cfg: ModelConfig, learner_cfg: LearnerConfig, workdir: Path) -> None:
+        from vllm import LLM
+
+        from shared.engine import learner_engine_kwargs
+
+        log.info("rollout engine starting on %s", model_cfg.path or "the default model")
+        # Slots for the policy, the version being swapped in, and the gate's live version.
+        # Processed log-probs are taken after `allowed_token_ids` masks the vocabulary: over a
+        # few allowed tokens they are exactly the model's distribution renormalised over them.
+        self.llm = LLM(
+            **learner_engine_kwargs(model_cfg, max_loras=3), logprobs_mode="processed_logprobs"
+        )
+        super().__init__(
+            learner_cfg,
+            workdir,
+            self.llm.get_tokenizer(),
+            self.llm.llm_engine.model_config.max_model_len,
+        )
+
+    def shutdown(self) -> None:
+        """End the engine-core process now. vLLM 0.32's LLM has no shutdown of its own; its engine
+        client's terminates the process, then kills it after a grace period."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    def lora_request(self, path: Path, prefix: str = "adapter"):
+        from vllm.lora.request import LoRARequest
+
+        lora_id = next(self._ids)
+        request = LoRARequest(f"{prefix}-{lora_id}", lora_id, str(path))
+        self.llm.llm_engine.add_lora(request)
+        return request
+
+    def drop(self, lora) -> None:
+        if lora is not None:
+            self.llm.llm_engine.remove_lora(lora.lora_int_id)
+
+    def generate(self, conversations, sampling: Sampling, lora) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+        )
+        outputs = self.llm.chat(list(conversations), params, lora_request=lora, use_tqdm=False)
         return [
             [Completion(list(o.token_ids), o.text, o.finish_reason) for o in out.outputs]
             for out in outputs
         ]
+
+    def token_distribution(self, requests, token_ids: list[int], lora) -> list[tuple[float, ...]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            temperature=0.0, max_tokens=1, logprobs=len(token_ids), allowed_token_ids=token_ids
+        )
+        outputs = self.llm.chat(list(requests), params, lora_request=lora, use_tqdm=False)
+        dists = []
+        for out in outputs:
+            logprobs = out.outputs[0].logprobs[0]
+            dists.append(
+                tuple(math.exp(logprobs[t].logprob) if t in logprobs else 0.0 for t in token_ids)
+            )
+        return dists

@@ -108,8 +108,6 @@ class AdapterFollower:
             await self._evict_unused()
 
     async def _evict_unused(self) -> None:
-        from shared.vllm_compat import UnloadLoRAAdapterRequest
-
         # The newest load always stays: it was loaded for a request about to use it.
         keep = max(1, self.cfg.registry.keep_loaded)
         for version in list(self._load_order[:-keep]):
@@ -121,11 +119,8 @@ class AdapterFollower:
             ):
                 continue
             name = self.aliases.engine_name(version)
-            lora_id = self.serving_models.lora_requests[name].lora_int_id
             self.aliases.loaded.discard(version)  # stop resolving to it first
-            # vLLM's unload only forgets the name; the engine keeps the weights until removed.
-            await self.serving_models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
-            await self.serving_models.engine_client.remove_lora(lora_id)
+            await unload_adapter(self.serving_models, name)
             self._load_order.remove(version)
             shutil.rmtree(self._loaded_dir / name, ignore_errors=True)
             log.info("evicted adapter v%d", version)
@@ -222,6 +217,16 @@ class AdapterFollower:
 
     def close(self) -> None:
         shutil.rmtree(self._loaded_dir, ignore_errors=True)
+
+
+async def unload_adapter(serving_models, name: str) -> None:
+    """Unload `name` from vLLM's serving layer and its engine: vLLM's unload only forgets the
+    name, the engine keeps the weights until removed."""
+    from shared.vllm_compat import UnloadLoRAAdapterRequest
+
+    lora_id = serving_models.lora_requests[name].lora_int_id
+    await serving_models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+    await serving_models.engine_client.remove_lora(lora_id)
 
 
 def _reason(problem: str) -> str:

@@ -128,8 +128,10 @@ def check_unicode(body: Any) -> None:
         ) from None
 
 
-def check_caps(state: ServerState, n: int | None, max_tokens: int | None) -> None:
+def check_caps(state: ServerState, n: int | None, max_tokens: int | None, priority: int) -> None:
     caps = state.cfg.serving
+    if priority < 0:  # lower runs first: below 0 a client would jump every other user
+        raise BadRequest(f"priority={priority}: a client's priority is 0 or more", "priority")
     if (n or 1) > caps.max_n:
         raise BadRequest(f"n={n} exceeds this server's limit of {caps.max_n}", "n")
     if max_tokens is not None and max_tokens > caps.max_tokens:
@@ -257,7 +259,9 @@ async def start_interaction(
 ) -> Interaction:
     """Everything dynalign decides before the engine runs. Raises BadRequest, PermissionError,
     UnknownModel, AdapterRefused or LimitExceeded; holds nothing when it raises."""
-    check_caps(state, request.n, request.max_completion_tokens or request.max_tokens)
+    check_caps(
+        state, request.n, request.max_completion_tokens or request.max_tokens, request.priority
+    )
     train = wants_training(request, raw_request)
     body = await raw_request.json()  # already parsed and cached by FastAPI
     check_unicode(body)
@@ -346,7 +350,7 @@ async def serve_completion(state: ServerState, caller: Caller, request, raw_requ
     """/v1/completions through the same limits, caps and aliases as chat, on vLLM's own
     completion layer. Never logged: the loop replays chat turns under the CA system prompt, and a
     raw completion prompt has no user turn to replay (it is text to continue, not a request)."""
-    check_caps(state, request.n, request.max_tokens)
+    check_caps(state, request.n, request.max_tokens, request.priority)
     check_unicode(await raw_request.json())
     permit, route = await admit(state, caller, request.model)
     interaction = Interaction(

@@ -26,6 +26,8 @@ from serving.admin import router as admin_router
 from serving.deps import ServerState
 from serving.engine import serving_state
 from serving.outbox import Outbox
+from serving.rollout import RolloutAdapters
+from serving.rollout import router as rollout_router
 from serving.routes import error_json, router
 from shared.config import DynalignConfig
 from shared.engine import parse_vllm_args, vllm_cli_args
@@ -132,6 +134,7 @@ def create_app(cfg: DynalignConfig, outbox: Outbox | None) -> FastAPI:
                 if outbox is not None:
                     outbox.close()
                 follower.close()
+                app.state.rollout_adapters.close()
 
     app = FastAPI(
         title="dynalign", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
@@ -140,6 +143,8 @@ def create_app(cfg: DynalignConfig, outbox: Outbox | None) -> FastAPI:
     app.state.dynalign = ServerState.from_config(cfg, outbox)
     app.include_router(router)
     app.include_router(admin_router)
+    app.include_router(rollout_router)
+    app.state.rollout_adapters = RolloutAdapters()
     init_exception_handler(app)  # vLLM's: every error becomes OpenAI-style JSON, never a bare 500
     # ... except Starlette's own HTTPException (vLLM registers FastAPI's subclass), which FastAPI
     # raises for an undecodable body and Starlette for an unknown route or method.

@@ -175,6 +175,14 @@ class LearnerConfig(Section):
     metrics_port: int = 9401
     train_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     seed: int = 0
+    # Where rollouts and self-scores run: `dynalign serve` engines (their base URLs; the first
+    # that answers, the next when one fails), reached with an operator token. Empty: an engine
+    # of the learner's own (offline tools; `dynalign up` points its learner at its server).
+    rollout_endpoints: list[str] = Field(default_factory=list)
+    rollout_token: SecretStr | None = None
+    # Rollout and score requests in flight at once per endpoint: enough for the engine to batch
+    # a whole step (16 completions of a CPU step, 32 on a GPU), few enough to stay polite.
+    rollout_concurrency: int = Field(64, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -257,6 +265,9 @@ class GateConfig(Section):
 
 class RegistryConfig(Section):
     store: Path = Path("adapters")  # unless set: in the data directory
+    # The learner's working adapters, which the servers it rolls out on load by name
+    # (serving/rollout.py): a directory they share with it, like the store.
+    rollout_dir: Path = Path("rollout-adapters")  # unless set: in the data directory
     keep_loaded: int = 3
 
 
@@ -289,6 +300,8 @@ class DynalignConfig(BaseSettings):
             self.serving.outbox_dir = self.data_dir / "outbox"
         if "store" not in self.registry.model_fields_set:
             self.registry.store = self.data_dir / "adapters"
+        if "rollout_dir" not in self.registry.model_fields_set:
+            self.registry.rollout_dir = self.data_dir / "rollout-adapters"
         return self
 
     @property

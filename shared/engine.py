@@ -30,6 +30,7 @@ OWNED_FLAGS = {
     "host": "use serving.host (--host)",
     "port": "use serving.port (--port)",
     "api_key": "use serving.api_keys",
+    "scheduling_policy": "the learner's rollouts run behind users' requests by priority",
     **{
         name: f"use model.{name}"
         for name in (
@@ -100,6 +101,9 @@ def engine_kwargs(cfg: ModelConfig, max_loras: int | None = None) -> dict:
         max_loras=max_loras or cfg.max_loras,
         seed=cfg.seed,
         enforce_eager=cfg.enforce_eager or not gpu,
+        # The learner's rollouts share the serving engine behind users' requests
+        # (serving/rollout.py); users' requests keep vLLM's default priority, 0.
+        scheduling_policy="priority",
     )
     if cfg.max_model_len:
         kwargs["max_model_len"] = cfg.max_model_len

@@ -110,9 +110,6 @@ def verify_adapter(path: Path, fingerprint: str, max_rank: int) -> VerifiedAdapt
     corrupt files, checksums that do not match the manifest (the config included), an
     adapter_config the engine should not trust (rank above its max_lora_rank, an extreme
     scaling), NaN/Inf weights, or another base model."""
-    import torch
-    from safetensors.torch import load as load_safetensors
-
     path = Path(path)
     name = path.name
     verified = VerifiedAdapter(path)
@@ -146,17 +143,41 @@ def verify_adapter(path: Path, fingerprint: str, max_rank: int) -> VerifiedAdapt
             problems.append(f"{name}: corrupt: {file_name} sha256 does not match the manifest")
     if problems:
         return verified
-    problems.extend(_config_problems(name, files[CONFIG], max_rank))
+    problems.extend(_content_problems(name, files, max_rank))
+    verified.files = {} if problems else {n: files[n] for n in expected}
+    return verified
+
+
+def verify_working_adapter(path: Path, max_rank: int) -> VerifiedAdapter:
+    """A learner's working adapter (a PEFT directory, no manifest: it is no version), checked
+    as a version's files are, except for checksums and base model."""
+    path = Path(path)
+    verified = VerifiedAdapter(path)
+    try:
+        files = {n: (path / n).read_bytes() for n in (CONFIG, WEIGHTS)}
+    except OSError as exc:
+        verified.problems.append(f"{path.name}: cannot read the adapter ({exc})")
+        return verified
+    verified.problems.extend(_content_problems(path.name, files, max_rank))
+    verified.files = {} if verified.problems else files
+    return verified
+
+
+def _content_problems(name: str, files: dict[str, bytes], max_rank: int) -> list[str]:
+    """What the engine should not load: a config it should not trust, unreadable or non-finite
+    weights."""
+    import torch
+    from safetensors.torch import load as load_safetensors
+
+    problems = _config_problems(name, files[CONFIG], max_rank)
     try:
         tensors = load_safetensors(files[WEIGHTS])
     except Exception as exc:  # truncated or garbage safetensors
-        problems.append(f"{name}: corrupt: cannot read weights ({exc})")
-        return verified
+        return [*problems, f"{name}: corrupt: cannot read weights ({exc})"]
     bad = [key for key, t in tensors.items() if not torch.isfinite(t).all()]
     if bad:
         problems.append(f"{name}: weights contain NaN/Inf ({len(bad)} tensors, e.g. {bad[0]})")
-    verified.files = {} if problems else {n: files[n] for n in expected}
-    return verified
+    return problems
 
 
 def _config_problems(name: str, raw: bytes, max_rank: int) -> list[str]:

@@ -23,6 +23,7 @@ from shared.kafka import EmbeddedBroker, consumer, ensure_topics, free_port
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
 OTHER_KEY = "other-test-key"  # a second client of the same servers
+LEARNER_TOKEN = "test-learner-token"  # the operator token learners roll out with
 
 
 def pytest_configure(config):
@@ -109,6 +110,7 @@ def start_server(
         "DYNALIGN_SERVING__API_KEYS": json.dumps([API_KEY, OTHER_KEY]),
         "DYNALIGN_SERVING__MAX_REQUEST_BYTES": str(256 * 1024),
         "DYNALIGN_SERVING__USER_HASH_SALT": "test-salt",
+        "DYNALIGN_SERVING__OPERATOR_TOKENS": json.dumps({"learner": LEARNER_TOKEN}),
         **(env or {}),
     }
     args = [sys.executable, "-m", "dynalign", verb, "--port", str(port)]
@@ -134,6 +136,15 @@ def start_server(
             server.stop()
             raise TimeoutError(f"server not healthy:\n{log_path.read_text()[-4000:]}")
         time.sleep(0.5)
+
+
+def rollout_env(server: ServerProcess) -> dict[str, str]:
+    """A learner's settings to roll out on `server` (as `dynalign up` sets its learner's)."""
+    return {
+        "DYNALIGN_LEARNER__ROLLOUT_ENDPOINTS": json.dumps([server.base_url]),
+        "DYNALIGN_LEARNER__ROLLOUT_TOKEN": LEARNER_TOKEN,
+        "DYNALIGN_REGISTRY__ROLLOUT_DIR": str(server.data_dir / "rollout-adapters"),
+    }
 
 
 @pytest.fixture(scope="session")
