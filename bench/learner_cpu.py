@@ -59,7 +59,7 @@ SMOKE = dict(
     max_new_tokens=16,
     max_model_len=2048,
 )
-JUDGE_MAX_TOKENS = 8  # greedy mode: what RolloutEngine.self_scores generates too
+JUDGE_MAX_TOKENS = 8  # greedy mode: what Engine.self_scores generates too
 
 
 def learner_settings(shape: dict, reward_mode: str) -> dict:
@@ -156,7 +156,7 @@ def run_dynalign(model_dir: str, shape: dict, args, prompts_file: Path, workdir:
 
 # -- TRL ----------------------------------------------------------------------------------------
 def judge_scores(model, tokenizer, requests: list, mode: str, digit_ids: list[int]) -> list:
-    """The policy scores each judge request 0-5 as RolloutEngine.self_scores does, with HF."""
+    """The policy scores each judge request 0-5 as Engine.self_scores does, with HF."""
     import torch
     from transformers import GenerationConfig
 

@@ -27,13 +27,13 @@ def main() -> None:
     args = parser.parse_args()
 
     from learner.gate import probe_prompts
-    from learner.rollout import RolloutEngine
+    from learner.rollout import InProcessEngine
     from shared.config import GateConfig, LearnerConfig, ModelConfig
 
     learner_cfg = LearnerConfig(max_new_tokens=args.max_new_tokens)
     conversations = probe_prompts(GateConfig(probe_limit=args.prompts))
     with tempfile.TemporaryDirectory() as tmp:
-        engine = RolloutEngine(
+        engine = InProcessEngine(
             ModelConfig(path=args.model, max_model_len=4096), learner_cfg, Path(tmp)
         )
         candidates = engine.sample(conversations)
