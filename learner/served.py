@@ -33,6 +33,7 @@ from learner.rollout import Completion, Engine, Sampling
 from shared.config import DynalignConfig
 
 log = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per rollout request
 
 # A request at rollout priority waits behind every user's; on a busy CPU a step's rollouts take
 # minutes, so only a connection that makes no progress for this long counts as failed.
@@ -191,7 +192,8 @@ class ServedEngine(Engine):
         if self.endpoints[self._current] == url:
             self._current = (self._current + 1) % len(self.endpoints)
             self.failovers += 1
-            log.warning("rollout endpoint %s failed (%s); now %s", url, exc, self._current_url)
+            if self._loaded[url] or len(self.endpoints) > 1 or self.failovers == 1:
+                log.warning("rollout endpoint %s failed (%s); now %s", url, exc, self._current_url)
         self._loaded[url].clear()  # a restarted replica has none of our adapters
 
     @property

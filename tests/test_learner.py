@@ -18,7 +18,7 @@ from learner import checkpoint
 from shared.config import KafkaConfig
 from shared.kafka import EmbeddedBroker, ensure_topics, free_port
 from shared.registry import AdapterStore
-from tests.conftest import API_KEY, REPO, json_result, start_server
+from tests.conftest import API_KEY, REPO, json_result, rollout_env, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,10 @@ def loop(tmp_path_factory, tiny_model):
     work = tmp_path_factory.mktemp("loop")
     with EmbeddedBroker() as broker:
         ensure_topics(KafkaConfig(bootstrap=broker.bootstrap))
-        server = start_server(work, tiny_model, broker.bootstrap)
+        # The learner rolls out here: room for the judge's prompt (~700 tokens) around an answer.
+        server = start_server(
+            work, tiny_model, broker.bootstrap, env={"DYNALIGN_MODEL__MAX_MODEL_LEN": "1024"}
+        )
         try:
             yield work, broker, server
         finally:
@@ -71,7 +74,8 @@ def chat(server, texts: list[str]) -> None:
         )
 
 
-def learn(work: Path, broker, tiny_model, max_steps: int, crash_at: str | None = None):
+def learn(work: Path, broker, server, tiny_model, max_steps: int, crash_at: str | None = None):
+    """`dynalign learn` rolling out on `server`, as under `dynalign up`."""
     env = {
         **os.environ,
         "DYNALIGN_MODEL__PATH": str(tiny_model),
@@ -88,6 +92,7 @@ def learn(work: Path, broker, tiny_model, max_steps: int, crash_at: str | None =
         "DYNALIGN_LEARNER__METRICS_PORT": str(free_port()),
         "DYNALIGN_LEARNER__CONSUMER_GROUP": "test-learner",
         "DYNALIGN_REGISTRY__STORE": str(work / "adapters"),
+        **rollout_env(server),
     }
     if crash_at:
         env["DYNALIGN_LEARNER_CRASH_AT"] = crash_at
@@ -146,7 +151,7 @@ def test_chats_become_candidates_and_sigkills_lose_or_repeat_nothing(loop, tiny_
 
     # Chats become a candidate adapter that changes vLLM's outputs.
     chat(server, [f"Plan a trip to city {i} {uuid.uuid4().hex[:6]}" for i in range(4)])
-    result = learn(work, broker, tiny_model, max_steps=2)
+    result = learn(work, broker, server, tiny_model, max_steps=2)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "step     2" in result.stdout and "candidate v1" in result.stdout
     assert store.versions() == [1]
@@ -174,11 +179,11 @@ def test_chats_become_candidates_and_sigkills_lose_or_repeat_nothing(loop, tiny_
     # SIGKILL after the checkpoint and version, before the offsets commit.
     before = committed(broker)
     chat(server, [f"Organise a move {i} {uuid.uuid4().hex[:6]}" for i in range(4)])
-    crashed = learn(work, broker, tiny_model, max_steps=4, crash_at="before-commit")
+    crashed = learn(work, broker, server, tiny_model, max_steps=4, crash_at="before-commit")
     assert crashed.returncode == -signal.SIGKILL
     assert store.versions() == [1, 2]  # checkpoint and version written ...
     assert committed(broker) == before  # ... offsets not yet committed
-    resumed = learn(work, broker, tiny_model, max_steps=4)
+    resumed = learn(work, broker, server, tiny_model, max_steps=4)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert store.versions() == [1, 2]  # the same checkpoint is not published twice
     state = newest_checkpoint(work)
@@ -187,10 +192,10 @@ def test_chats_become_candidates_and_sigkills_lose_or_repeat_nothing(loop, tiny_
 
     # SIGKILL in the middle of a step: the step's records are read again, not skipped.
     chat(server, [f"Choose a school {i} {uuid.uuid4().hex[:6]}" for i in range(4)])
-    crashed = learn(work, broker, tiny_model, max_steps=6, crash_at="mid-step")
+    crashed = learn(work, broker, server, tiny_model, max_steps=6, crash_at="mid-step")
     assert crashed.returncode == -signal.SIGKILL
     assert newest_checkpoint(work).step == 4  # step 5 was lost with the process
-    resumed = learn(work, broker, tiny_model, max_steps=6)
+    resumed = learn(work, broker, server, tiny_model, max_steps=6)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert store.versions() == [1, 2, 3]
     trained = store.manifest(3).trained_offsets
