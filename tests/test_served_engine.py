@@ -107,9 +107,11 @@ def test_rollouts_are_groups_with_token_ids_and_never_logged(server, tmp_path, t
     for group in groups:
         for completion in group:
             assert 0 < len(completion.token_ids) <= 8
-            assert engine.tokenizer.decode(completion.token_ids, skip_special_tokens=True) == (
-                completion.text
-            )
+            decoded = engine.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+            # The random tiny model emits partial UTF-8 byte tokens, which vLLM's incremental
+            # detokenizer and a whole decode may render as different replacement characters.
+            if "\ufffd" not in decoded + completion.text:
+                assert decoded == completion.text
     # Scored where the judge's prompt fits the engine (512 tokens here), None where not.
     scores = engine.self_scores(CONVERSATIONS, groups)
     for conversation, group, row in zip(CONVERSATIONS, groups, scores, strict=True):
