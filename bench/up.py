@@ -163,7 +163,9 @@ class Tree:
         by_role = {}
         for kind in ("rss_by_role", "pss_by_role"):
             roles = {r for s in stepping for r in s[kind]}
-            by_role[kind] = {r: statistics.median(s[kind].get(r, 0) for s in stepping) for r in roles}
+            by_role[kind] = {
+                r: statistics.median(s[kind].get(r, 0) for s in stepping) for r in roles
+            }
         return {
             "samples": len(self.samples),
             "samples_stepping": len(stepping),
@@ -233,7 +235,16 @@ def run_arm(name: str, source: Path, args, work: Path) -> dict:
     env.pop("OMP_NUM_THREADS", None)
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "dynalign", "up", "--data-dir", str(data_dir), "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "dynalign",
+                "up",
+                "--data-dir",
+                str(data_dir),
+                "--port",
+                str(port),
+            ],
             cwd=source,
             env=env,
             stdout=log,
@@ -251,9 +262,10 @@ def run_arm(name: str, source: Path, args, work: Path) -> dict:
             if process.poll() is not None:
                 raise RuntimeError(f"{name}: up exited {process.returncode}; see {log_path}")
             try:
-                if client.get("/health").status_code == 200 and learner.gauge(
-                    "dynalign_learner_step_in_flight"
-                ) is not None:
+                if (
+                    client.get("/health").status_code == 200
+                    and learner.gauge("dynalign_learner_step_in_flight") is not None
+                ):
                     break
             except httpx.HTTPError:
                 pass
@@ -266,7 +278,9 @@ def run_arm(name: str, source: Path, args, work: Path) -> dict:
         for target in (learner.poll, lambda s: tree.run(learner, s)):
             threading.Thread(target=target, args=(stop,), daemon=True).start()
 
-        idle = [chat(client, model, USER_PROMPT, 32, train=False) for _ in range(args.idle_requests)]
+        idle = [
+            chat(client, model, USER_PROMPT, 32, train=False) for _ in range(args.idle_requests)
+        ]
         result["users_idle"] = users_summary(idle)
 
         first_chat = time.time()
@@ -308,7 +322,13 @@ def run_arm(name: str, source: Path, args, work: Path) -> dict:
         for pid in left:
             psutil.Process(pid).kill()
     steps = [
-        dict(zip(("step", "tokens_per_s", "batch", "rollout", "reward", "update"), map(float, m.groups())))
+        dict(
+            zip(
+                ("step", "tokens_per_s", "batch", "rollout", "reward", "update"),
+                map(float, m.groups()),
+                strict=True,
+            )
+        )
         for m in STEP_LINE.finditer(log_path.read_text())
     ]
     result["steps"] = steps
@@ -346,7 +366,9 @@ def main() -> None:
         for name in args.arms.split(","):
             source = worktree(args.anchor, work) if name == "anchor" else REPO
             arms.append(run_arm(name, source, args, work))
-            print(json.dumps({k: v for k, v in arms[-1].items() if k != "memory_samples"}, indent=1))
+            print(
+                json.dumps({k: v for k, v in arms[-1].items() if k != "memory_samples"}, indent=1)
+            )
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "prune"], check=False)
     commit = subprocess.run(
