@@ -271,6 +271,11 @@ class Prometheus:
     def alerts(self) -> list[dict]:
         return httpx.get(f"{self.url}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
 
+    def targets(self) -> list[dict]:
+        """Each scrape target's health and last error, for a test's failure message."""
+        active = httpx.get(f"{self.url}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+        return [{k: t[k] for k in ("scrapeUrl", "health", "lastError")} for t in active]
+
     def stop(self) -> None:
         self.process.terminate()
         try:
@@ -280,16 +285,18 @@ class Prometheus:
             self.process.wait()
 
 
-def wait_for(condition, timeout_s: float, what: str, log: Path | None = None):
-    """Poll `condition` until it returns something truthy; fail naming `what` at the deadline."""
+def wait_for(condition, timeout_s: float, what: str, log: Path | None = None, diagnosis=None):
+    """Poll `condition` until it returns something truthy; fail naming `what` at the deadline,
+    with `diagnosis()` (what the test saw) and the tail of `log`."""
     deadline = time.monotonic() + timeout_s
     while True:
         result = condition()
         if result:
             return result
         if time.monotonic() > deadline:
+            seen = diagnosis() if diagnosis else ""
             tail = log.read_text()[-4000:] if log and log.exists() else ""
-            pytest.fail(f"timed out waiting for {what}\n{tail}")
+            pytest.fail(f"timed out waiting for {what}\n{seen}\n{tail}")
         time.sleep(0.5)  # the pace of polling an HTTP API, not a synchronisation
 
 
