@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -34,6 +35,9 @@ class ServerState:
     api_keys: tuple[bytes, ...] = ()
     operator_tokens: dict[str, bytes] = field(default_factory=dict)  # name -> token
     follower: object = None  # serving.adapters.AdapterFollower, set once the engine is up
+    # The processes `dynalign up` runs beside this server, by name (dynalign/supervisor.py),
+    # for /health's body; None under `dynalign serve`.
+    processes: Callable[[], dict] | None = None
 
     @classmethod
     def from_config(cls, cfg: DynalignConfig, outbox: Outbox | None) -> ServerState:

@@ -149,7 +149,9 @@ async def list_models(raw_request: Request) -> JSONResponse:
 @router.get("/health")
 async def health(raw_request: Request) -> Response:
     """200 when the engine answers and the outbox can persist records: a replica that would
-    lose interactions takes no traffic."""
+    lose interactions takes no traffic. Under `dynalign up` the body names the processes beside
+    the server (the learner: running or starting, its restarts and last exit code); one that
+    is restarting does not take the server out, which serves its last adapter meanwhile."""
     try:
         await raw_request.app.state.engine_client.check_health()
     except Exception as exc:
@@ -157,6 +159,8 @@ async def health(raw_request: Request) -> Response:
     outbox = server_state(raw_request).outbox
     if outbox is not None and (problem := outbox.problem):
         return error_json(HTTPStatus.SERVICE_UNAVAILABLE, f"outbox: {problem}")
+    if processes := server_state(raw_request).processes:
+        return JSONResponse({"processes": processes()})
     return Response(status_code=200)
 
 

@@ -14,6 +14,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 
@@ -95,8 +96,11 @@ class RequestSizeLimit:
         return f"Request body exceeds the limit of {self.max_bytes} bytes."
 
 
-def create_app(cfg: DynalignConfig, outbox: Outbox | None) -> FastAPI:
-    """The FastAPI app; its lifespan starts the engine and the outbox and stops both."""
+def create_app(
+    cfg: DynalignConfig, outbox: Outbox | None, processes: Callable[[], dict] | None = None
+) -> FastAPI:
+    """The FastAPI app; its lifespan starts the engine and the outbox and stops both.
+    `processes`: what runs beside the server (`up`'s supervisor), for /health."""
     check_exposure(cfg)
     vllm_args = parse_vllm_args(vllm_cli_args(cfg.model, cfg.serving))
 
@@ -141,6 +145,7 @@ def create_app(cfg: DynalignConfig, outbox: Outbox | None) -> FastAPI:
     )  # served behind the API keys by serving/routes.py
     app.state.args = vllm_args  # vLLM's exception handlers read it
     app.state.dynalign = ServerState.from_config(cfg, outbox)
+    app.state.dynalign.processes = processes
     app.include_router(router)
     app.include_router(admin_router)
     app.include_router(rollout_router)

@@ -21,6 +21,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from shared.config import KafkaConfig
+from shared.process import die_with_parent
 
 # A consumer group's first join waits out these timeouts; the client defaults made it ~23 s.
 FAST_GROUP_TIMEOUTS = dict(
@@ -155,6 +156,7 @@ class EmbeddedBroker:
             ],
             stdout=log,
             stderr=log,
+            preexec_fn=die_with_parent,  # a SIGKILLed `up` or test leaves no broker behind
         )
         deadline = time.monotonic() + timeout_s
         while not _port_open(self.port):

@@ -198,3 +198,46 @@ def test_up_learns_ends_on_ctrl_c_and_restarts_with_its_whole_log(tmp_path, tiny
         for offset in range(first, last + 1)
     ]
     assert sorted(trained) == sorted(offsets)
+
+
+def test_up_restarts_a_killed_learner_and_a_sigkilled_up_leaves_no_learner_or_broker(
+    tmp_path, tiny_model
+):
+    """The learner killed (-9, as the OOM killer does) is started again: the server's /health
+    names it with its restart and exit code, dynalign_up_restarts_total counts it. `up` itself
+    SIGKILLed runs none of its cleanup; its learner and broker end anyway."""
+    port = free_port()
+    env = {**base_env(tmp_path, tiny_model), "DYNALIGN_SERVING__API_KEYS": json.dumps([API_KEY])}
+    args = ["up", "--port", str(port), "--data-dir", str(tmp_path / "data")]
+    log = tmp_path / "up.log"
+    process = start(args, tmp_path, env, log)
+    base = f"http://127.0.0.1:{port}"
+
+    def learner() -> dict | None:
+        body = answers(f"{base}/health")
+        state = json.loads(body)["processes"]["learner"] if body else None
+        return state if state and state["state"] == "running" else None
+
+    try:
+        wait_until(learner, "the learner running", process, log, 240)
+        first = learner()
+        assert first["restarts"] == 0 and first["last_exit_code"] is None
+        os.kill(first["pid"], signal.SIGKILL)
+        wait_until(lambda: (s := learner()) and s["restarts"] == 1, "a restart", process, log, 60)
+        again = learner()
+        assert again["last_exit_code"] == -signal.SIGKILL and again["pid"] != first["pid"]
+        metrics = httpx.get(f"{base}/metrics").text
+        assert 'dynalign_up_restarts_total{process="learner"} 1.0' in metrics
+
+        survivors = [
+            p
+            for p in psutil.Process(process.pid).children(recursive=True)
+            if "learn" in p.cmdline() or "tansu" in " ".join(p.cmdline())
+        ]
+        assert len(survivors) == 2  # the learner and the broker
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        _, alive = psutil.wait_procs(survivors, timeout=30)
+        assert not alive, [" ".join(p.cmdline())[:80] for p in alive]
+    finally:
+        kill_group(process)
