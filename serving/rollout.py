@@ -16,6 +16,7 @@ The request names the adapter, never a path: the files come from the configured 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import shutil
 import tempfile
@@ -31,11 +32,15 @@ from serving.routes import error_json
 from shared.registry import verify_working_adapter
 from shared.vllm_compat import ChatCompletionRequest, ErrorResponse, validate_json_request
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(prefix="/admin/rollout", dependencies=[Depends(require_operator)])
 
 # vLLM runs lower values first; users' requests keep vLLM's default, 0.
 ROLLOUT_PRIORITY = 1
 # Adapters the learner holds at once on one server: its policy, a candidate and live (the gate).
+# When they are taken, a new learner session (the name's second part) takes those of other
+# sessions, oldest first: a learner killed mid-step, or restarted by `up`, never evicted its own.
 MAX_ROLLOUT_ADAPTERS = 4
 # Apart from the engine names of adapter versions ("<served name>-v<N>", serving/aliases.py).
 NAME = re.compile(r"rollout-[A-Za-z0-9._-]{1,120}")
@@ -52,6 +57,14 @@ class RolloutAdapters:
 
     def close(self) -> None:
         shutil.rmtree(self.private_dir, ignore_errors=True)
+
+    def oldest_of_another_session(self, name: str) -> str | None:
+        return next((n for n in self.loaded if _session(n) != _session(name)), None)
+
+
+def _session(name: str) -> str:
+    """rollout-<session>-<prefix>-<n> (learner/served.py)."""
+    return name.split("-", 2)[1]
 
 
 def _error(status: HTTPStatus, message: str, param: str | None = None) -> JSONResponse:
@@ -73,12 +86,15 @@ async def load(name: str, raw_request: Request) -> Response:
     async with adapters.lock:
         if name in adapters.seen:
             return _error(HTTPStatus.CONFLICT, f"{name} was loaded before; names are never reused")
+        stale = None
         if len(adapters.loaded) >= MAX_ROLLOUT_ADAPTERS:
-            return _error(
-                HTTPStatus.TOO_MANY_REQUESTS,
-                f"{len(adapters.loaded)} rollout adapters loaded, the most a server holds; "
-                "evict one first",
-            )
+            stale = adapters.oldest_of_another_session(name)
+            if stale is None:
+                return _error(
+                    HTTPStatus.TOO_MANY_REQUESTS,
+                    f"{len(adapters.loaded)} rollout adapters of this session loaded, the most a "
+                    "server holds; evict one first",
+                )
         verified = await asyncio.to_thread(
             verify_working_adapter,
             state.cfg.registry.rollout_dir / name,
@@ -87,6 +103,9 @@ async def load(name: str, raw_request: Request) -> Response:
         if verified.problems:
             return _error(HTTPStatus.BAD_REQUEST, "; ".join(verified.problems))
         private = await asyncio.to_thread(verified.materialize, adapters.private_dir / name)
+        if stale is not None:
+            log.warning("rollout: evicting %s, another learner session's, for %s", stale, name)
+            await _unload(raw_request, adapters, stale)
         result = await raw_request.app.state.openai_serving_models.load_lora_adapter(
             LoadLoRAAdapterRequest(lora_name=name, lora_path=str(private))
         )
@@ -102,12 +121,17 @@ async def load(name: str, raw_request: Request) -> Response:
 async def evict(name: str, raw_request: Request) -> Response:
     adapters = _adapters(raw_request)
     async with adapters.lock:
-        private = adapters.loaded.pop(name, None)
-        if private is None:
+        if name not in adapters.loaded:
             return _error(HTTPStatus.NOT_FOUND, f"no rollout adapter {name!r} is loaded", "name")
-        await unload_adapter(raw_request.app.state.openai_serving_models, name)
-        shutil.rmtree(private, ignore_errors=True)
+        await _unload(raw_request, adapters, name)
     return Response(status_code=HTTPStatus.NO_CONTENT)
+
+
+async def _unload(raw_request: Request, adapters: RolloutAdapters, name: str) -> None:
+    """With adapters.lock held."""
+    private = adapters.loaded.pop(name)
+    await unload_adapter(raw_request.app.state.openai_serving_models, name)
+    shutil.rmtree(private, ignore_errors=True)
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(validate_json_request)])

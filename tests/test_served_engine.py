@@ -4,6 +4,7 @@ model), through the operator-only rollout routes (serving/rollout.py, learner/se
 from __future__ import annotations
 
 import math
+import shutil
 
 import httpx
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from learner.rollout import judge_request, judgeable
 from learner.served import ServedEngine
+from serving.rollout import MAX_ROLLOUT_ADAPTERS
 from shared.config import DynalignConfig
 from tests.conftest import API_KEY, LEARNER_TOKEN
 
@@ -211,3 +213,41 @@ def test_users_logprobs_are_vllms_raw_logprobs(server, hf):
         json={"model": "dynalign", "messages": chat, "max_tokens": 1, "priority": -1},
     )
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "priority"
+
+
+@pytest.mark.slow
+def test_a_restarted_learner_evicts_the_adapters_its_dead_session_left(server, hf):
+    """A learner killed mid-step (or restarted by `up`'s supervisor) never evicted what it
+    loaded; its successor, a new session, takes those slots, oldest first. One session that
+    fills every slot itself is still refused (429): its own leak."""
+    model, _ = hf
+    routes = f"{server.base_url}/admin/rollout"
+    learner = {"Authorization": f"Bearer {LEARNER_TOKEN}"}
+    peft_model = random_adapter(model, server.data_dir / "rollout-adapters" / "rollout-dead-0")
+    peft_model.unload()
+    source = server.data_dir / "rollout-adapters" / "rollout-dead-0"
+    names = [f"rollout-dead-{i}" for i in range(MAX_ROLLOUT_ADAPTERS)]
+    names += [f"rollout-alive-{i}" for i in range(MAX_ROLLOUT_ADAPTERS + 1)]
+    for name in names[1:]:
+        shutil.copytree(source, server.data_dir / "rollout-adapters" / name)
+    for name in names[:MAX_ROLLOUT_ADAPTERS]:
+        assert HTTP.put(f"{routes}/adapters/{name}", headers=learner).status_code == 204
+    body = {"messages": CONVERSATIONS[0], "max_tokens": 1}
+
+    def answers(name: str) -> int:
+        chat = HTTP.post(
+            f"{routes}/v1/chat/completions", json={**body, "model": name}, headers=learner
+        )
+        return chat.status_code
+
+    try:
+        alive = names[MAX_ROLLOUT_ADAPTERS:]
+        assert HTTP.put(f"{routes}/adapters/{alive[0]}", headers=learner).status_code == 204
+        assert answers("rollout-dead-0") == 404 and answers("rollout-dead-1") == 200
+        for name in alive[1:MAX_ROLLOUT_ADAPTERS]:
+            assert HTTP.put(f"{routes}/adapters/{name}", headers=learner).status_code == 204
+        full = HTTP.put(f"{routes}/adapters/{alive[-1]}", headers=learner)
+        assert full.status_code == 429 and "evict one first" in full.json()["error"]["message"]
+    finally:
+        for name in names:
+            HTTP.delete(f"{routes}/adapters/{name}", headers=learner)
