@@ -7,16 +7,19 @@ Writes JSON.
 
 What runs: a Kafka-protocol broker (Tansu); `--replicas` `dynalign serve` processes, each with
 its own outbox and all on one adapter registry; HAProxy (Debian's package) round-robin in front
-of them with health checks on /health; one `dynalign learn`; `--clients` threads of the official
-openai client (3 retries) sending chats through HAProxy the whole time. Meanwhile, in order:
-kill -9 one replica (engine and all) and start it again; kill -9 the learner and start it
-again; promote a version through one replica's admin API, then roll it back.
+of them with health checks on /health; one `dynalign learn`, which rolls out and self-scores on
+the replicas (the killed one first: learner/served.py fails over); `--clients` threads of the
+official openai client (3 retries) sending chats through HAProxy the whole time. Meanwhile, in
+order: kill -9 the replica the learner rolls out on (engine and all) while a step is in flight,
+and start it again; kill -9 the learner and start it again; promote a version through one
+replica's admin API, then roll it back.
 
 Measured: requests that failed for the client after its retries, attempts the client retried,
 interactions lost (accepted requests whose record id is not in the topic once the outboxes
 drain; duplicates are counted, consumers deduplicate by id), the time from the promote and the
 rollback until every replica serves the new live version, and whether the restarted learner
-built two versions from the same offsets.
+built two versions from the same offsets, and the learner's failovers to another replica (the
+killed one costs a retry, not a step).
 
 Not rehearsed: killing the broker. Tansu here stores in memory or on S3, and the S3 servers the
 package registries carry are not storage to run a broker on (moto 5.2 behind Tansu 0.6 reported
@@ -58,6 +61,7 @@ API_KEY = "rehearsal-key"
 VICTIM = 1  # the replica killed
 THINK_S = 0.2  # each client's pause between requests: load that leaves a restart some CPU
 OPERATOR = "rehearsal-operator"
+LEARNER_TOKEN = "rehearsal-learner"
 HAPROXY_CONFIG = """\
 global
     maxconn 256
@@ -219,6 +223,7 @@ def rehearse(model: Path, work: Path, replicas: int = 3, clients: int = 2) -> di
             "DYNALIGN_MODEL__PATH": str(model),
             "DYNALIGN_MODEL__MAX_MODEL_LEN": "1024",
             "DYNALIGN_REGISTRY__STORE": str(store),
+            "DYNALIGN_REGISTRY__ROLLOUT_DIR": str(work / "rollout-adapters"),
         }
         ports = [free_port() for _ in range(replicas)]
         servers = []
@@ -228,7 +233,9 @@ def rehearse(model: Path, work: Path, replicas: int = 3, clients: int = 2) -> di
                 **common,
                 "DYNALIGN_DATA_DIR": str(work / f"replica-{i}"),
                 "DYNALIGN_SERVING__API_KEYS": json.dumps([API_KEY]),
-                "DYNALIGN_SERVING__OPERATOR_TOKENS": json.dumps({"ops": OPERATOR}),
+                "DYNALIGN_SERVING__OPERATOR_TOKENS": json.dumps(
+                    {"ops": OPERATOR, "learner": LEARNER_TOKEN}
+                ),
                 "DYNALIGN_SERVING__USER_HASH_SALT": "one-salt-for-every-replica",
                 "DYNALIGN_SERVING__RATE_LIMIT_PER_CLIENT": "1000",
             }
@@ -238,6 +245,8 @@ def rehearse(model: Path, work: Path, replicas: int = 3, clients: int = 2) -> di
             servers.append(Process(f"replica-{i}", ["serve", "--port", str(port)], env, log))
         learner_port = free_port()
         (work / "learner").mkdir()
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        rollout_endpoints = [urls[VICTIM], *(u for i, u in enumerate(urls) if i != VICTIM)]
         learner = Process(
             "learner",
             ["learn", "--workdir", str(work / "learner" / "run")],
@@ -251,19 +260,20 @@ def rehearse(model: Path, work: Path, replicas: int = 3, clients: int = 2) -> di
                 "DYNALIGN_LEARNER__CHECKPOINT_EVERY_STEPS": "5",
                 "DYNALIGN_LEARNER__MAX_USER_SHARE": "1.0",
                 "DYNALIGN_GATE__ENABLED": "false",
+                "DYNALIGN_LEARNER__ROLLOUT_ENDPOINTS": json.dumps(rollout_endpoints),
+                "DYNALIGN_LEARNER__ROLLOUT_TOKEN": LEARNER_TOKEN,
             },
             work / "learner" / "learn.log",
         )
-        urls = [f"http://127.0.0.1:{p}" for p in ports]
         try:
-            # One at a time, the learner's engine too, before any load: a vLLM CPU worker
-            # starting beside busy engines can starve for minutes.
+            # One at a time before any load: a vLLM CPU engine starting beside busy ones can
+            # starve for minutes.
             for server, url in zip(servers, urls, strict=True):
                 processes.append(server.start())
                 wait_for(lambda u=url: healthy(u), f"{server.name} healthy", 300, server)
             processes.append(learner.start())
             wait_for(lambda: "learner: metrics on" in learner.log.read_text(errors="replace"),
-                     "the learner's engine", 300, learner)  # fmt: skip
+                     "the learner", 300, learner)  # fmt: skip
             lb_port = free_port()
             config = work / "haproxy.cfg"
             config.write_text(
@@ -290,8 +300,11 @@ def rehearse(model: Path, work: Path, replicas: int = 3, clients: int = 2) -> di
             started = time.monotonic()
             events = []
 
-            # A replica dies (engine and all) mid-request and comes back on its outbox.
+            # The replica the learner rolls out on dies (engine and all) mid-request, with a
+            # step in flight, and comes back on its outbox.
             wait_for(lambda: len(load.accepted) >= 10, "traffic", 120)
+            wait_for(lambda: metric(learner_url, "dynalign_learner_step_in_flight") == 1,
+                     "a learner step in flight", 300, learner)  # fmt: skip
             # Killed the moment it has streamed an answer of its own (and with others in flight):
             # the answer's record must survive, since the client has it.
             victim = servers[VICTIM]
@@ -308,6 +321,11 @@ def rehearse(model: Path, work: Path, replicas: int = 3, clients: int = 2) -> di
             victim.kill9()
             assert streamed.rstrip().endswith("[DONE]"), streamed
             events.append({"event": f"kill -9 {victim.name}", "at_s": time.monotonic() - started})
+
+            # Its requests go to the next replica: a retry, not a lost step.
+            wait_for(lambda: metric(learner_url, "dynalign_learner_rollout_failovers_total"),
+                     "the learner's failover", 300, learner)  # fmt: skip
+            failovers = metric(learner_url, "dynalign_learner_rollout_failovers_total")
 
             def converged(version: int, replicas: list[str]) -> bool:
                 return all(metric(u, "dynalign_live_adapter_version") == version for u in replicas)
@@ -389,6 +407,7 @@ def rehearse(model: Path, work: Path, replicas: int = 3, clients: int = 2) -> di
                 "restarted_replica_serves_live": restarted_on_live,
                 "rollback_converged_s": round(rollback_s, 3),
                 "learner_versions": len(registry.versions()) - 1,
+                "learner_rollout_failovers": failovers,
                 "offsets_trained_twice": len(trained) - len(set(trained)),
                 "events": events,
             }

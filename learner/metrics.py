@@ -71,6 +71,11 @@ STEP_IN_FLIGHT = Gauge(
     "1 while a step (rollouts, update, checkpoint, gate) computes; 0 while the learner waits "
     "for prompts or on pause-learning. After a pause, 0 means no step will start.",
 )
+ROLLOUT_FAILOVERS = Counter(
+    "dynalign_learner_rollout_failovers_total",
+    "Rollout endpoints that failed mid-request (learner/served.py); their requests were sent "
+    "again to the next endpoint.",
+)
 LAST_CANDIDATE_VERSION = Gauge(
     "dynalign_learner_last_candidate_version",
     "Adapter version of the newest candidate the learner published.",

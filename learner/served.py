@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from learner import metrics
 from learner.rollout import Completion, Engine, Sampling
 from shared.config import DynalignConfig
 
@@ -192,6 +193,7 @@ class ServedEngine(Engine):
         if self.endpoints[self._current] == url:
             self._current = (self._current + 1) % len(self.endpoints)
             self.failovers += 1
+            metrics.ROLLOUT_FAILOVERS.inc()
             if self._loaded[url] or len(self.endpoints) > 1 or self.failovers == 1:
                 log.warning("rollout endpoint %s failed (%s); now %s", url, exc, self._current_url)
         self._loaded[url].clear()  # a restarted replica has none of our adapters
