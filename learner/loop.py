@@ -38,6 +38,7 @@ from learner.served import ServedEngine
 from shared.config import DynalignConfig
 from shared.files import atomic_write, lock_directory
 from shared.lifecycle import Lifecycle
+from shared.process import return_freed_memory
 from shared.registry import WEIGHTS, base_fingerprint, verify_adapter
 
 log = logging.getLogger(__name__)
@@ -236,11 +237,14 @@ class Learner:
             pad_id = self.tokenizer.eos_token_id
         batch_tensors = collate(examples, pad_id)
         batch_tensors["advantages"] = advantages.flatten()
+        input_tokens = batch_tensors["attention_mask"].sum().item()
         passes = [
             {k: v.to(self.device) for k, v in mb.items()}
             for mb in micro_batches(batch_tensors, lc.micro_batch_completions)
         ]
         stats = grpo_step(self.model, self.layers, self.optimizer, passes, lc)
+        del passes, batch_tensors
+        return_freed_memory()  # the update's activations, until the next update
         self.engine.load_policy(self.model.save_pretrained)
         t4 = time.perf_counter()
 
@@ -262,7 +266,7 @@ class Learner:
             loss=float(stats["loss"]),
             grad_norm=float(stats["grad_norm"]),
             completion_tokens=sum(lengths) / len(lengths),
-            tokens_per_s=(batch_tensors["attention_mask"].sum().item() + sum(lengths)) / (t4 - t0),
+            tokens_per_s=(input_tokens + sum(lengths)) / (t4 - t0),
             seconds={"batch": t1 - t0, "rollout": t2 - t1, "reward": t3 - t2, "update": t4 - t3},
         )
         self._export(report, scored, lengths)

@@ -180,8 +180,8 @@ class LearnerConfig(Section):
     # of the learner's own (offline tools; `dynalign up` points its learner at its server).
     rollout_endpoints: list[str] = Field(default_factory=list)
     rollout_token: SecretStr | None = None
-    # Rollout and score requests in flight at once per endpoint: enough for the engine to batch
-    # a whole step (16 completions of a CPU step, 32 on a GPU), few enough to stay polite.
+    # Rollout and score requests in flight at once per endpoint (a rollout request is a group of
+    # G): enough for the engine to batch a whole step on a GPU, few enough to stay polite.
     rollout_concurrency: int = Field(64, ge=1)
 
     @model_validator(mode="before")
@@ -196,14 +196,19 @@ class LearnerConfig(Section):
         """What a 2-core CPU can step within minutes. Only settings the user did not set are
         changed; everything else stays the paper's."""
         # 128 new tokens: at 48 nearly every answer was cut, so reward and loss saw fragments
-        # (bench/results/lora_sweep.json). K=5: each candidate's gate takes about a minute.
-        # Micro-batches of 2: the update's peak RSS 2.9 GiB instead of 8.1 with 8, and 25 s a
-        # step instead of 34 (bench/results/learner_memory.json).
+        # (bench/results/lora_sweep.json). K=2: a step takes ~70 s and a candidate's gate about
+        # a minute, so the first promoted adapter answers within 5 minutes of the first chat
+        # (bench/results/up.json). Micro-batches of 2: the update's peak RSS 2.9 GiB instead of
+        # 8.1 with 8, and 25 s a step instead of 34 (bench/results/learner_memory.json).
+        # One request at a time on the 2-core engine (a group's G=8 rollouts, or one self-score):
+        # with 8 sequences at once a user's p50 is 1.6x its idle value, and 16 rollouts take 21 s
+        # (16 at once: 2.0x, 14 s; 4: 1.4x, 34 s; bench/results/users_first.json).
         smaller = dict(
             batch_completions=16,
             micro_batch_completions=2,
             max_new_tokens=128,
-            checkpoint_every_steps=5,
+            checkpoint_every_steps=2,
+            rollout_concurrency=1,
             train_dtype="float32",
         )
         return self.model_copy(

@@ -72,6 +72,7 @@ def has_gpu() -> bool:
 # engine core (before issue 26), they cost it 7-12% of throughput on two cores, single rounds
 # down to 0.74x vLLM's server (bench/results/serving-causes/).
 LEARNER_SPINCOUNT = "10000"
+CPU_KV_CACHE_BYTES = 2**30
 
 
 def use_learner_threads() -> None:
@@ -110,8 +111,9 @@ def engine_kwargs(cfg: ModelConfig, max_loras: int | None = None) -> dict:
     if gpu:
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     else:
-        # vLLM's CPU backend sizes its KV cache from this (GiB); 1 GiB holds our loads.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # vLLM's CPU backend takes its KV cache size from here (VLLM_CPU_KVCACHE_SPACE, where
+        # set, over it); 1 GiB holds our loads. `--engine-arg kv_cache_memory_bytes=N` changes it.
+        kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
         # The model runs in the engine-core process (the learner's own, the server's one
         # child), not in a worker process of its own: vLLM's worker and engine core wait on
         # each other by spinning on shared memory (sched_yield, 1 s after each step), and on
