@@ -14,10 +14,13 @@ cores two trees at once would measure each other. Per arm:
              feed nothing) with the learner waiting;
   feed       `--chats` distinct chats that are logged: the learner's work, the same in every arm;
              the first one starts the freshness clock;
-  stepping   the user client keeps chatting (not logged) while the learner steps, until an answer
-             comes from a promoted adapter (x-dynalign-adapter-version) or `--max-minutes`;
-             a request counts as "while stepping" when the learner's step_in_flight gauge read 1
-             at its start and its end;
+  quiet      no user load until an answer comes from a promoted adapter
+             (x-dynalign-adapter-version; a 1-token probe every 5 s) or `--max-minutes`:
+             freshness, and the step split with the learner alone on the machine;
+  busy       four more logged chats (two steps' work), then one client chats (not logged) for
+             `--busy-minutes`; a request counts as "while stepping" when the learner's
+             step_in_flight gauge read 1 at its start and its end; the steps taken meanwhile
+             say what users' priority costs the learner;
   stop       SIGINT, as Ctrl-C; then any process left from the tree is listed.
 Memory is sampled every 2 s over the whole tree: RSS summed (what `ps` shows, shared library
 pages counted once per process) and PSS summed (each shared page split among its users: what
@@ -66,6 +69,12 @@ FEED = [
     "How should a family split chores among teenagers?",
     "Give three ways to cut food waste at home.",
 ]
+BUSY_FEED = [  # the busy phase's logged chats: two steps' prompts
+    "How can a village share one well fairly in a drought?",
+    "Explain how vaccines train the immune system.",
+    "What should a club do when two members keep arguing?",
+    "Give advice to someone starting their first job.",
+]
 STEP_LINE = re.compile(
     r"step\s+(\d+)\s.*?(\d+) tok/s\s+batch ([\d.]+)s rollout ([\d.]+)s reward ([\d.]+)s "
     r"update ([\d.]+)s"
@@ -103,7 +112,7 @@ class Learner:
     url: str
     in_flight: bool = False
 
-    def gauge(self, name: str) -> float | None:
+    def value(self, name: str) -> float | None:
         try:
             text = httpx.get(self.url, timeout=2).text
         except httpx.HTTPError:
@@ -115,7 +124,7 @@ class Learner:
 
     def poll(self, stop: threading.Event) -> None:
         while not stop.wait(0.5):
-            self.in_flight = self.gauge("dynalign_learner_step_in_flight") == 1
+            self.in_flight = self.value("dynalign_learner_step_in_flight") == 1
 
 
 @dataclass
@@ -264,7 +273,7 @@ def run_arm(name: str, source: Path, args, work: Path) -> dict:
             try:
                 if (
                     client.get("/health").status_code == 200
-                    and learner.gauge("dynalign_learner_step_in_flight") is not None
+                    and learner.value("dynalign_learner_step_in_flight") is not None
                 ):
                     break
             except httpx.HTTPError:
@@ -288,20 +297,36 @@ def run_arm(name: str, source: Path, args, work: Path) -> dict:
             chat(client, model, [{"role": "user", "content": prompt}], 64, train=True)
         result["feed_s"] = time.time() - first_chat
 
-        stepping, promoted_at, versions = [], None, set()
+        # Quiet: no user load while the learner steps to its first promoted adapter; a 1-token
+        # probe every 5 s asks which version answers.
+        promoted_at, versions = None, set()
         deadline = first_chat + args.max_minutes * 60
         while time.time() < deadline and process.poll() is None:
-            before = learner.in_flight
-            row = chat(client, model, USER_PROMPT, 32, train=False)
+            row = chat(client, model, USER_PROMPT, 1, train=False)
             versions.add(row["version"])
-            if before and learner.in_flight:
-                stepping.append(row)
             if row["version"].isdigit():
                 promoted_at = time.time()
                 break
-        result["users_stepping"] = users_summary(stepping)
+            time.sleep(5)  # the probe's pace, not a synchronisation
         result["freshness_min"] = (promoted_at - first_chat) / 60 if promoted_at else None
         result["served_versions"] = sorted(versions)
+        result["quiet_steps"] = learner.value("dynalign_learner_steps_total")
+
+        # Busy: more logged chats give the learner work; then one client chats throughout
+        # (not logged) for --busy-minutes, and a request counts while the learner steps.
+        for prompt in BUSY_FEED:
+            chat(client, model, [{"role": "user", "content": prompt}], 64, train=True)
+        stepping = []
+        deadline = time.time() + args.busy_minutes * 60
+        while time.time() < deadline and process.poll() is None:
+            before = learner.in_flight
+            row = chat(client, model, USER_PROMPT, 32, train=False)
+            if before and learner.in_flight:
+                stepping.append(row)
+        result["users_stepping"] = users_summary(stepping)
+        result["busy_steps"] = learner.value("dynalign_learner_steps_total") - (
+            result["quiet_steps"] or 0
+        )
         idle_p50, step_p50 = result["users_idle"]["p50_s"], result["users_stepping"]["p50_s"]
         result["p50_stepping_over_idle"] = step_p50 / idle_p50 if step_p50 and idle_p50 else None
     finally:
@@ -332,10 +357,12 @@ def run_arm(name: str, source: Path, args, work: Path) -> dict:
         for m in STEP_LINE.finditer(log_path.read_text())
     ]
     result["steps"] = steps
-    result["step_seconds_median"] = {
-        phase: statistics.median(s[phase] for s in steps) if steps else None
-        for phase in ("rollout", "reward", "update", "tokens_per_s")
-    }
+    quiet = int(result.get("quiet_steps") or 0)
+    for key, rows in (("quiet", steps[:quiet]), ("busy", steps[quiet:])):
+        result[f"step_seconds_median_{key}"] = {
+            phase: statistics.median(s[phase] for s in rows) if rows else None
+            for phase in ("rollout", "reward", "update", "tokens_per_s")
+        }
     result["memory"] = tree.summary()
     result["memory_samples"] = tree.samples
     return result
@@ -356,7 +383,8 @@ def main() -> None:
     parser.add_argument("--anchor", default=ANCHOR_REF, help="git ref of today's design")
     parser.add_argument("--chats", type=int, default=12)
     parser.add_argument("--idle-requests", type=int, default=16)
-    parser.add_argument("--max-minutes", type=float, default=14.0)
+    parser.add_argument("--max-minutes", type=float, default=14.0, help="quiet phase's limit")
+    parser.add_argument("--busy-minutes", type=float, default=3.0)
     parser.add_argument("--arms", default="anchor,current")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "up.json")
     args = parser.parse_args()
