@@ -200,15 +200,11 @@ class LearnerConfig(Section):
         # a minute, so the first promoted adapter answers within 5 minutes of the first chat
         # (bench/results/up.json). Micro-batches of 2: the update's peak RSS 2.9 GiB instead of
         # 8.1 with 8, and 25 s a step instead of 34 (bench/results/learner_memory.json).
-        # One request at a time on the 2-core engine (a group's G=8 rollouts, or one self-score):
-        # with 8 sequences at once a user's p50 is 1.6x its idle value, and 16 rollouts take 21 s
-        # (16 at once: 2.0x, 14 s; 4: 1.4x, 34 s; bench/results/users_first.json).
         smaller = dict(
             batch_completions=16,
             micro_batch_completions=2,
             max_new_tokens=128,
             checkpoint_every_steps=2,
-            rollout_concurrency=1,
             train_dtype="float32",
         )
         return self.model_copy(
