@@ -6,6 +6,7 @@ Code speaks only the Kafka protocol (kafka-python), so the same paths run agains
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import time
@@ -112,10 +113,34 @@ def consumer(bootstrap: str, group_id: str | None, **overrides: Any) -> KafkaCon
     return KafkaConsumer(**options)
 
 
+# Ports are handed out from below the kernel's ephemeral range: a port from bind(0) comes from
+# that range, and between handing it out and its server's bind any outgoing connection (a Kafka
+# client, an engine's ZMQ socket) may be given it; CI lost a scale-out replica so.
+EXPLICIT_PORTS_FLOOR = 20_000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()
+_draws = random.Random()  # its own: a caller's random.seed() must not make processes collide
+
+
 def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 that is free now and that this process has not handed out before."""
+    try:
+        ceiling = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: the kernel's choice is all there is
+        ceiling = EXPLICIT_PORTS_FLOOR
+    while True:
+        port = (
+            _draws.randrange(EXPLICIT_PORTS_FLOOR, ceiling) if ceiling > EXPLICIT_PORTS_FLOOR else 0
+        )
+        with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 @dataclass
