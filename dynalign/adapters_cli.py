@@ -47,7 +47,7 @@ def _versions(registry: Registry, state: RegistryState) -> list[dict]:
         {
             "version": v,
             "state": state.states.get(v, "candidate"),
-            "gate": state.gate_results.get(v),
+            "gate": state.gate_json(v),
             **registry.manifest(v).model_dump(mode="json", exclude={"version"}),
         }
         for v in registry.versions()
@@ -151,7 +151,7 @@ def show(version: int, config: ConfigOpt = None, store: StoreOpt = None, as_json
     state = registry.read_state()
     data = {
         "state": state.states.get(version, "candidate"),
-        "gate": state.gate_results.get(version),
+        "gate": state.gate_json(version),
         **manifest.model_dump(mode="json"),
     }
     typer.echo(json.dumps(data, indent=None if as_json else 2))

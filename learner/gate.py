@@ -19,16 +19,15 @@ from __future__ import annotations
 import asyncio
 from importlib import resources
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel
 
 from learner.grpo import collate, training_inputs
 from learner.policy import adapters_disabled, sequence_logprobs
 from learner.rollout import Engine
 from shared.config import GateConfig
 from shared.files import read_jsonl
+from shared.gate_result import GateOutcome, GateResult
 from shared.judge import (
     JudgeSettings,
     bootstrap_mean_ci,
@@ -36,8 +35,6 @@ from shared.judge import (
     parse_target,
     summarize_pairwise,
 )
-
-GateOutcome = Literal["pass", "reject", "inconclusive"]
 
 
 def score_outcome(ci_low: float, ci_high: float, margin: float) -> GateOutcome:
@@ -47,32 +44,6 @@ def score_outcome(ci_low: float, ci_high: float, margin: float) -> GateOutcome:
     if ci_high < -margin:
         return "reject"
     return "inconclusive"
-
-
-class GateResult(BaseModel):
-    outcome: GateOutcome
-    reasons: list[str]
-    probes: int
-    # The frozen judge's mean scores and the paired difference with its 95% CI.
-    score_candidate: float
-    score_live: float
-    score_diff: float
-    score_diff_ci: tuple[float, float]
-    score_margin: float
-    # Only with a judge endpoint.
-    win_rate: float | None = None
-    win_rate_ci: tuple[float | None, float | None] | None = None
-    wins: int = 0
-    losses: int = 0
-    inconsistent: int = 0
-    kl: float
-    length_ratio: float
-    ifeval_candidate: float | None = None
-    ifeval_live: float | None = None
-
-    @property
-    def passed(self) -> bool:
-        return self.outcome == "pass"
 
 
 def probe_prompts(cfg: GateConfig) -> list[list[dict[str, str]]]:

@@ -48,6 +48,7 @@ from offline.evaluate import (
 )
 from shared import ifeval as ifeval_lib
 from shared.config import load_config
+from shared.gate_result import GateResult
 from shared.judge import (
     Endpoint,
     JudgeSettings,
@@ -93,6 +94,25 @@ class GateRecord(BaseModel):
     score_diff: float | None
     score_diff_ci: tuple[float | None, float | None]
     score_margin: float | None
+
+    @classmethod
+    def of(cls, version: int, gate: GateResult | None) -> GateRecord:
+        """A version promoted by an operator without a verdict has None throughout."""
+        if gate is None:
+            return cls(
+                version=version,
+                outcome=None,
+                score_diff=None,
+                score_diff_ci=(None, None),
+                score_margin=None,
+            )
+        return cls(
+            version=version,
+            outcome=gate.outcome,
+            score_diff=gate.score_diff,
+            score_diff_ci=gate.score_diff_ci,
+            score_margin=gate.score_margin,
+        )
 
 
 class RewardPoint(BaseModel):
@@ -309,7 +329,7 @@ def evaluate_version(
 
     ife = _cached(out / name / "ifeval.json", IFEvalSummary, ifeval)
     manifest = registry.manifest(version) if version is not None else None
-    gate = registry.read_state().gate_results.get(version, {}) if version is not None else {}
+    gate = registry.read_state().gate_results.get(version) if version is not None else None
     if version is None:
         score_report = pairwise_report = None
     else:
@@ -369,7 +389,7 @@ def evaluate_version(
         ifeval_loose=ife.loose,
         length_ratio=score_report.words_ratio if score_report else None,
         truncated_share=score_report.truncated_a if score_report else None,
-        kl_to_base=gate.get("kl"),
+        kl_to_base=gate.kl if gate else None,
         self_vs_frozen_gap=self_reward - score
         if self_reward is not None and score is not None
         else None,
@@ -575,16 +595,7 @@ def experiment_command(
     with learning_paused(Lifecycle(registry), metrics_url):
         promoted = promoted_versions(registry)
         verdicts = registry.read_state().gate_results
-        gates = [
-            GateRecord(
-                version=v,
-                outcome=verdicts.get(v, {}).get("outcome"),
-                score_diff=verdicts.get(v, {}).get("score_diff"),
-                score_diff_ci=tuple(verdicts.get(v, {}).get("score_diff_ci") or (None, None)),
-                score_margin=verdicts.get(v, {}).get("score_margin"),
-            )
-            for v in promoted
-        ]
+        gates = [GateRecord.of(v, verdicts.get(v)) for v in promoted]
         versions: list[int | None] = [None, *spread(promoted, max_versions)]
         rows = []
         with Progress(console=console) as progress:

@@ -58,7 +58,7 @@ def describe(registry, state: RegistryState, loaded: set[int]) -> dict:
                 "steps": manifest.steps,
                 "created_at": manifest.created_at.isoformat(),
                 "metrics": manifest.metrics,
-                "gate": state.gate_results.get(version),
+                "gate": state.gate_json(version),
             }
         )
     return {

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from shared.gate_result import GateResult
 from shared.registry import (
     AdapterState,
     AuditEntry,
@@ -133,17 +134,16 @@ class Lifecycle:
     def record_verdict(
         self,
         version: int,
-        result: dict[str, Any],
+        result: GateResult,
         weights_sha256: str,
         auto_promote: bool,
         on_inconclusive: OnInconclusive = "hold",
         actor: str = "gate",
         canary: dict[str, float] | None = None,
     ) -> tuple[RegistryState, str]:
-        """The gate's verdict on `version`, which must hold the weights it judged; `result` is a
-        GateResult's dict (its `outcome` and `reasons` decide). With `canary` (GateConfig.
-        canary_rule(), a share above 0), a passing candidate starts a canary instead of going
-        live."""
+        """The gate's verdict on `version`, which must hold the weights it judged; `result`'s
+        outcome and reasons decide. With `canary` (GateConfig.canary_rule(), a share above 0),
+        a passing candidate starts a canary instead of going live."""
         if self.registry.manifest(version).weights_sha256 != weights_sha256:
             raise RegistryError(
                 f"the gate judged other weights than v{version} holds; its verdict is not recorded"
@@ -151,7 +151,7 @@ class Lifecycle:
 
         def decide(state: RegistryState) -> AuditEntry:
             _allowed("verdict", state, version)
-            outcome, why = result["outcome"], "; ".join(result["reasons"])
+            outcome, why = result.outcome, "; ".join(result.reasons)
             if outcome == "inconclusive" and on_inconclusive != "promote":
                 action = "reject" if on_inconclusive == "reject" else "hold-inconclusive"
                 reason = f"gate inconclusive: {why}"

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, Field
 
 from shared.files import atomic_write, file_sha256, fsync_tree
+from shared.gate_result import GateResult
 from shared.schemas import utc_now
 
 log = logging.getLogger(__name__)
@@ -268,12 +269,17 @@ class Canary(BaseModel):
 
 class RegistryState(BaseModel):
     states: dict[int, AdapterState] = Field(default_factory=dict)
-    gate_results: dict[int, dict[str, Any]] = Field(default_factory=dict)
+    gate_results: dict[int, GateResult] = Field(default_factory=dict)
     live: int | None = None
     canary: Canary | None = None
     pinned: bool = False  # pinned: nothing moves `live` automatically (the gate only proposes)
     learning_paused: bool = False
     revision: int = 0  # the number of audit entries applied; followers compare it
+
+    def gate_json(self, version: int) -> dict[str, Any] | None:
+        """`version`'s gate result as operators read it (JSON), None when it has none."""
+        gate = self.gate_results.get(version)
+        return gate.model_dump(mode="json") if gate else None
 
 
 class AuditEntry(BaseModel):
@@ -283,7 +289,7 @@ class AuditEntry(BaseModel):
     from_version: int | None = None
     to_version: int | None = None
     reason: str = ""
-    gate: dict[str, Any] | None = None  # the gate's result, for gate verdicts
+    gate: GateResult | None = None  # for gate verdicts
     # canary-start: the Canary's fields; canary-extend: {"max_ratings": N}; a canary's decision:
     # the evidence (shared/canary.py)
     canary: dict[str, Any] | None = None

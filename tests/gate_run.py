@@ -61,7 +61,7 @@ def main() -> None:
             {
                 "live": state.live,
                 "states": state.states,
-                "gate": state.gate_results,
+                "gate": state.model_dump(mode="json")["gate_results"],
                 "versions": learner.lifecycle.registry.versions(),
             }
         )

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from shared.config import GateConfig
+from shared.gate_result import GateResult
 from shared.lifecycle import TRANSITIONS, Lifecycle
 from shared.registry import Registry, RegistryError
 
@@ -35,9 +36,25 @@ def registry(lifecycle):
     return lifecycle.registry
 
 
-PASSED = {"outcome": "pass", "reasons": []}
-FAILED = {"outcome": "reject", "reasons": ["KL 9 > 0.5"]}
-UNSURE = {"outcome": "inconclusive", "reasons": ["score -0.1 (95% CI -0.3..+0.1)"]}
+def verdict(outcome: str, *reasons: str) -> GateResult:
+    """A gate result whose outcome and reasons decide; its figures are placeholders."""
+    return GateResult(
+        outcome=outcome,
+        reasons=list(reasons),
+        probes=8,
+        score_candidate=3.0,
+        score_live=3.0,
+        score_diff=0.0,
+        score_diff_ci=(-0.1, 0.1),
+        score_margin=0.25,
+        kl=0.01,
+        length_ratio=1.0,
+    )
+
+
+PASSED = verdict("pass")
+FAILED = verdict("reject", "KL 9 > 0.5")
+UNSURE = verdict("inconclusive", "score -0.1 (95% CI -0.3..+0.1)")
 RULE = GateConfig().canary_rule(share=0.2)
 
 
