@@ -73,9 +73,9 @@ def main() -> None:
                 {
                     "live": state.live,
                     "states": state.states,
-                    "gate": state.gate_results,
+                    "gate": state.model_dump(mode="json")["gate_results"],
                     "parent_version": learner.parent_version,
-                    "run_id": learner.run_id,
+                    "run_id": learner.candidates.run_id,
                     "lineage": {v: registry.manifest(v).lineage for v in registry.versions()},
                 }
             )
