@@ -7,6 +7,7 @@ their own. All state lives on the event loop's thread: no locks needed.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import Counter
@@ -52,6 +53,8 @@ class ClientLimits:
         self.max_in_flight = max_in_flight
         self._running: Counter[str] = Counter()
         self._buckets: dict[str, _Bucket] = {}
+        self.idle = asyncio.Event()  # set while no request is in flight
+        self.idle.set()
 
     @property
     def in_flight(self) -> int:
@@ -85,6 +88,7 @@ class ClientLimits:
         bucket.tokens -= 1
         self._buckets[client] = bucket
         self._running[client] += 1
+        self.idle.clear()
         if len(self._buckets) > 10_000:
             self._forget_idle(now)
         return Permit(self, client)
@@ -93,6 +97,8 @@ class ClientLimits:
         self._running[client] -= 1
         if self._running[client] <= 0:
             del self._running[client]
+        if not self._running:
+            self.idle.set()
 
     def _forget_idle(self, now: float) -> None:
         """A bucket that has refilled is the same as no bucket: drop those (bounded memory

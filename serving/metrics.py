@@ -123,3 +123,12 @@ REQUESTS_LIMITED = Counter(
     "Requests refused with 429 by the per-client limits, by reason (capacity, concurrency, rate).",
     ["reason"],
 )
+ROLLOUT_WAIT = Histogram(
+    "dynalign_rollout_wait_seconds",
+    "How long a learner's request waited for its turn behind users' requests (serving/rollout.py).",
+    buckets=LATENCY_BUCKETS,
+)
+ROLLOUT_HOLD_EXPIRED = Counter(
+    "dynalign_rollout_hold_expired_total",
+    "Learner's requests started while users' requests were in flight: their hold ran out.",
+)

@@ -6,9 +6,21 @@ rolls out; the learner holds only the trainer, like TRL's vLLM server mode, prim
     POST   /admin/rollout/v1/chat/completions   vLLM's chat, on the base model or such an adapter
 
 Only an operator token reaches them (`dynalign up` makes one for its learner). What they run is
-never logged to the interaction log, never counted against users' limits or caps, and runs
-behind users' requests: the engine schedules by priority (shared/engine.py) and these requests
-carry ROLLOUT_PRIORITY, after users' 0. A name is loaded once per server: the learner's weights
+never logged to the interaction log and never counted against users' limits or caps.
+
+Users first. vLLM's priority scheduling (shared/engine.py; these requests carry
+ROLLOUT_PRIORITY, users keep 0) orders its waiting queue only: requests it has started share
+every engine step with users' requests. While the learner's self-scores (prefill, one token
+each) ran, a user's 32-token chat took the whole reward phase, 11-16 s against 1.6-2.3 s idle,
+whether 16 of them ran at once, 4 or 2, at a step budget of 4096 tokens or 1024: each of the
+user's decode steps carried a prefill chunk (bench/results/users_first_engine*.json). So
+`UsersFirst` starts a learner's request only once no user's request is in flight (or once it
+has waited serving.rollout_max_hold_s: a server never idle of users still lets the learner
+move), and bounds the learner's prompt tokens in flight by serving.rollout_prefill_tokens, so
+that a user arriving just after learner requests started waits behind ~2 prefills at most;
+counting tokens, not requests, leaves the gate's many short prompts batched (2 requests at once
+took its answers from 8 s to 37-43 s).
+A name is loaded once per server: the learner's weights
 change every step, and vLLM keys its prefix cache by adapter name, so a name is never reused.
 The request names the adapter, never a path: the files come from the configured directory only.
 """
@@ -20,15 +32,20 @@ import logging
 import re
 import shutil
 import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from http import HTTPStatus
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from serving import metrics
 from serving.adapters import unload_adapter
 from serving.deps import require_operator, server_state
 from serving.routes import error_json
+from shared.chat import NotText, content_text
 from shared.registry import verify_working_adapter
 from shared.vllm_compat import ChatCompletionRequest, ErrorResponse, validate_json_request
 
@@ -42,6 +59,8 @@ ROLLOUT_PRIORITY = 1
 # When they are taken, a new learner session (the name's second part) takes those of other
 # sessions, oldest first: a learner killed mid-step, or restarted by `up`, never evicted its own.
 MAX_ROLLOUT_ADAPTERS = 4
+CHARS_PER_TOKEN = 4
+MESSAGE_TOKENS = 4
 # Apart from the engine names of adapter versions ("<served name>-v<N>", serving/aliases.py).
 NAME = re.compile(r"rollout-[A-Za-z0-9._-]{1,120}")
 
@@ -60,6 +79,52 @@ class RolloutAdapters:
 
     def oldest_of_another_session(self, name: str) -> str | None:
         return next((n for n in self.loaded if _session(n) != _session(name)), None)
+
+
+class UsersFirst:
+    """Turns for the learner's requests (see the module's docstring)."""
+
+    def __init__(self, prefill_tokens: int, max_hold_s: float, users_idle: asyncio.Event) -> None:
+        self.prefill_tokens = prefill_tokens
+        self.max_hold_s = max_hold_s
+        self.users_idle = users_idle
+        self.in_flight = 0  # prompt tokens of the learner's requests running
+        self.freed = asyncio.Condition()
+
+    @asynccontextmanager
+    async def turn(self, prompt_tokens: int) -> AsyncIterator[None]:
+        # A prompt over the whole budget runs alone.
+        cost = min(prompt_tokens, self.prefill_tokens) if self.prefill_tokens else 0
+        started = time.perf_counter()
+        async with self.freed:
+            await self.freed.wait_for(lambda: self.in_flight + cost <= self.prefill_tokens)
+            self.in_flight += cost
+        try:
+            if not self.users_idle.is_set():
+                try:
+                    await asyncio.wait_for(self.users_idle.wait(), self.max_hold_s)
+                except TimeoutError:
+                    metrics.ROLLOUT_HOLD_EXPIRED.inc()
+            metrics.ROLLOUT_WAIT.observe(time.perf_counter() - started)
+            yield
+        finally:
+            async with self.freed:
+                self.in_flight -= cost
+                self.freed.notify_all()
+
+
+def prompt_tokens(request: ChatCompletionRequest) -> int:
+    """About how many tokens the request's prompt has: ~4 characters a token in English, plus a
+    few a message for the chat template; a budget's unit, not a count (tokenizing here would
+    render every prompt twice)."""
+    chars = 0
+    for message in request.messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        try:
+            chars += len(content_text(content))
+        except NotText:
+            pass  # the engine refuses it anyway
+    return chars // CHARS_PER_TOKEN + MESSAGE_TOKENS * len(request.messages)
 
 
 def _session(name: str) -> str:
@@ -148,9 +213,10 @@ async def chat(request: ChatCompletionRequest, raw_request: Request) -> Response
             "model",
         )
     request.priority = ROLLOUT_PRIORITY
-    result = await raw_request.app.state.openai_serving_chat.create_chat_completion(
-        request, raw_request
-    )
+    async with raw_request.app.state.rollout_turns.turn(prompt_tokens(request)):
+        result = await raw_request.app.state.openai_serving_chat.create_chat_completion(
+            request, raw_request
+        )
     if isinstance(result, ErrorResponse):
         return JSONResponse(result.model_dump(), status_code=result.error.code)
     return JSONResponse(result.model_dump())

@@ -27,7 +27,7 @@ from serving.admin import router as admin_router
 from serving.deps import ServerState
 from serving.engine import serving_state
 from serving.outbox import Outbox
-from serving.rollout import RolloutAdapters
+from serving.rollout import RolloutAdapters, UsersFirst
 from serving.rollout import router as rollout_router
 from serving.routes import error_json, router
 from shared.config import DynalignConfig
@@ -150,6 +150,10 @@ def create_app(
     app.include_router(admin_router)
     app.include_router(rollout_router)
     app.state.rollout_adapters = RolloutAdapters()
+    settings = cfg.serving
+    app.state.rollout_turns = UsersFirst(
+        settings.rollout_prefill_tokens, settings.rollout_max_hold_s, app.state.dynalign.limits.idle
+    )
     init_exception_handler(app)  # vLLM's: every error becomes OpenAI-style JSON, never a bare 500
     # ... except Starlette's own HTTPException (vLLM registers FastAPI's subclass), which FastAPI
     # raises for an undecodable body and Starlette for an unknown route or method.

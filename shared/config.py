@@ -94,6 +94,11 @@ class ServingConfig(Section):
     rate_limit_per_client: float = Field(20.0, gt=0)  # requests per second, sustained
     rate_limit_burst: int = Field(40, ge=1)
     max_in_flight: int = Field(256, ge=1)  # all clients; beyond it the server is saturated
+    # The learner's requests on this engine (serving/rollout.py): prompts of at most this many
+    # tokens at once (0: no limit), each started only once no user's request is in flight or
+    # after waiting this long.
+    rollout_prefill_tokens: int = Field(2048, ge=0)
+    rollout_max_hold_s: float = Field(30.0, ge=0)
     outbox_dir: Path = Path("outbox")  # unless set: in the data directory
     # The outbox's group commit: a record is fsynced together with whatever is queued behind
     # it, after waiting at most this long for more (0: at once; records arriving during an

@@ -1,0 +1,210 @@
+"""What the learner's requests on the serving engine cost a user, per way of sharing it, on
+`up`'s layout: one `dynalign serve` on SmolLM2 (0.5 GiB of KV cache, as `up` sets it), one client
+chatting back to back (32 tokens, not logged), and the learner's own requests through
+learner/served.py with its CPU-sized settings: the rollout phase (2 prompts x G=8, <= 128
+tokens, the CA system prompt) and the reward phase (16 self-scores of the paper's reward prompt:
+prefill and one token each). Arms, each on a fresh server, in one run:
+  priority          vLLM's priority scheduling alone (main before UsersFirst)
+  prefill-2048      serving/rollout.py's turns: the learner's prompt tokens in flight <= 2048
+  users-first       and each request started only once no user's request is in flight (or
+                    after 30 s): `up`'s and `serve`'s defaults
+Earlier runs: bench/results/users_first_engine-budget.json (a step budget,
+max_num_batched_tokens, of 1024 instead of vLLM's CPU default 4096 left the user held 13-16 s in
+the reward phase, as at 4096) and users_first_engine-slots.json (2 or 4 learner requests at
+once, without the hold: the same 12-14 s, and the gate's answers took 37-43 s or 20-23 s
+against 8 s): what holds the user is a learner prefill in every step, whatever its size.
+Per arm, ROUNDS rounds: users' p50 in each phase against idle, each phase's seconds, and the
+learner's phases with no user (rollout, reward, a gate's 24 greedy answers).
+
+    python bench/users_first_engine.py      # writes bench/results/users_first_engine.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+from pydantic import SecretStr
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.users_first import TOKEN, user_latencies  # noqa: E402
+from shared.kafka import free_port  # noqa: E402
+
+ARMS = {  # name -> (max_num_batched_tokens, rollout_prefill_tokens, rollout_max_hold_s)
+    "priority": (4096, 0, 0.0),  # 4096: vLLM's CPU default
+    "prefill-2048": (4096, 2048, 0.0),
+    "users-first": (4096, 2048, 30.0),
+}
+ROUNDS = 2
+IDLE_S = 30.0
+CONVERSATIONS = [
+    [{"role": "user", "content": "How can neighbours share tools without losing them?"}],
+    [{"role": "user", "content": "What should a small town do about a closing library?"}],
+]
+
+
+def start_server(work: Path, arm: str) -> tuple[subprocess.Popen, str]:
+    budget, prefill_tokens, hold_s = ARMS[arm]
+    port = free_port()
+    env = {
+        **os.environ,
+        "DYNALIGN_DATA_DIR": str(work / "data"),
+        "DYNALIGN_SERVING__OUTBOX_DIR": str(work / "outbox"),
+        "DYNALIGN_SERVING__API_KEYS": json.dumps(["bench"]),
+        "DYNALIGN_SERVING__OPERATOR_TOKENS": json.dumps({"learner": TOKEN}),
+        "DYNALIGN_SERVING__USER_HASH_SALT": "bench-salt",
+        "DYNALIGN_SERVING__ROLLOUT_PREFILL_TOKENS": str(prefill_tokens),
+        "DYNALIGN_SERVING__ROLLOUT_MAX_HOLD_S": str(hold_s),
+        "DYNALIGN_MODEL__ENGINE_ARGS": json.dumps(
+            {"kv_cache_memory_bytes": 2**29, "max_num_batched_tokens": budget}
+        ),
+    }
+    log = (work / "server.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "dynalign", "serve", "--port", str(port), "--kafka", "127.0.0.1:1"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    while True:
+        assert server.poll() is None, (work / "server.log").read_text()[-3000:]
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code in (200, 503):
+                return server, base
+        except httpx.HTTPError:
+            time.sleep(1)
+
+
+def engine(work: Path, base: str):
+    from learner.served import ServedEngine
+    from shared.config import DynalignConfig
+
+    cfg = DynalignConfig(data_dir=work / "data")
+    cfg.learner = cfg.learner.cpu_sized().model_copy(
+        update={"rollout_endpoints": [base], "rollout_token": SecretStr(TOKEN)}
+    )
+    return ServedEngine(cfg, work / "learner")
+
+
+def during(base: str, work) -> tuple[object, float, list[float]]:
+    stop, rows = threading.Event(), []
+    user = threading.Thread(target=user_latencies, args=(base, stop, rows))
+    user.start()
+    started = time.perf_counter()
+    try:
+        return work(), time.perf_counter() - started, rows
+    finally:
+        stop.set()
+        user.join()
+
+
+def quiet_step(served) -> dict[str, float]:
+    """The learner's phases with no user: rollout, reward, and a gate's answers (its CPU-sized
+    probes, greedy, 48 tokens): what the turns cost the learner when users leave it room."""
+    from learner.gate import probe_prompts
+    from learner.rollout import Sampling
+    from shared.config import GateConfig
+
+    gate = GateConfig().cpu_sized()
+    probes = probe_prompts(gate)[: gate.probe_limit]
+    started = time.perf_counter()
+    candidates = served.sample(CONVERSATIONS)
+    sampled = time.perf_counter()
+    served.self_scores(CONVERSATIONS, candidates)
+    scored = time.perf_counter()
+    served.generate(probes, Sampling(max_tokens=gate.max_new_tokens), None)
+    return {
+        "quiet_rollout_s": sampled - started,
+        "quiet_reward_s": scored - sampled,
+        "quiet_gate_answers_s": time.perf_counter() - scored,
+    }
+
+
+def p50(rows: list[float]) -> float | None:
+    return statistics.median(rows) if rows else None
+
+
+def engine_core_rss_gib(server: subprocess.Popen) -> float:
+    children = psutil.Process(server.pid).children(recursive=True)
+    return sum(c.memory_info().rss for c in children) / 2**30
+
+
+def measure(arm: str) -> dict:
+    work = Path(tempfile.mkdtemp(prefix=f"users-first-engine-{arm}-"))
+    server, base = start_server(work, arm)
+    try:
+        served = engine(work, base)
+        idle: list[float] = []
+        stop = threading.Event()
+        threading.Timer(IDLE_S, stop.set).start()
+        user_latencies(base, stop, idle)
+        rounds = []
+        for _ in range(ROUNDS):
+            quiet = quiet_step(served)
+            candidates, rollout_s, rollout_users = during(
+                base, lambda: served.sample(CONVERSATIONS)
+            )
+            scores, reward_s, reward_users = during(
+                base, lambda c=candidates: served.self_scores(CONVERSATIONS, c)
+            )
+            rounds.append(
+                {
+                    "rollout_s": rollout_s,
+                    "rollout_users_p50_s": p50(rollout_users),
+                    "rollout_users": len(rollout_users),
+                    "reward_s": reward_s,
+                    "reward_users_p50_s": p50(reward_users),
+                    "reward_users": len(reward_users),
+                    "scored": sum(s is not None for row in scores for s in row),
+                    **quiet,
+                }
+            )
+            print(arm, rounds[-1], flush=True)
+        idle_p50 = p50(idle)
+        return {
+            "arm": arm,
+            "max_num_batched_tokens": ARMS[arm][0],
+            "rollout_prefill_tokens": ARMS[arm][1],
+            "rollout_max_hold_s": ARMS[arm][2],
+            "idle_users_p50_s": idle_p50,
+            "idle_users": len(idle),
+            "rounds": rounds,
+            "rollout_users_over_idle": [r["rollout_users_p50_s"] / idle_p50 for r in rounds],
+            "reward_users_over_idle": [r["reward_users_p50_s"] / idle_p50 for r in rounds],
+            "engine_core_rss_gib": engine_core_rss_gib(server),
+        }
+    finally:
+        server.send_signal(2)
+        server.wait(timeout=60)
+
+
+def main() -> None:
+    results = {
+        "benchmark": "users_first_engine",
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "arms": [measure(arm) for arm in ARMS],
+    }
+    out = REPO / "bench" / "results" / "users_first_engine.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
