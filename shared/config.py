@@ -201,15 +201,16 @@ class LearnerConfig(Section):
         """What a 2-core CPU can step within minutes. Only settings the user did not set are
         changed; everything else stays the paper's."""
         # 128 new tokens: at 48 nearly every answer was cut, so reward and loss saw fragments
-        # (bench/results/lora_sweep.json). K=2: a step takes ~70 s and a candidate's gate about
-        # a minute, so the first promoted adapter answers within 5 minutes of the first chat
-        # (bench/results/up.json). Micro-batches of 2: the update's peak RSS 2.9 GiB instead of
-        # 8.1 with 8, and 25 s a step instead of 34 (bench/results/learner_memory.json).
+        # (bench/results/lora_sweep.json). K=1: every step's adapter is a candidate; at K=2
+        # the first promoted adapter answered 5.5 minutes after the first chat (a step ~80 s
+        # beside a user, then the gate; bench/results/up.json). Micro-batches of 2: the
+        # update's peak RSS 2.9 GiB instead of 8.1 with 8, and 25 s a step instead of 34
+        # (bench/results/learner_memory.json).
         smaller = dict(
             batch_completions=16,
             micro_batch_completions=2,
             max_new_tokens=128,
-            checkpoint_every_steps=2,
+            checkpoint_every_steps=1,
             train_dtype="float32",
         )
         return self.model_copy(
