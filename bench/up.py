@@ -15,8 +15,9 @@ cores two trees at once would measure each other. Per arm:
   feed       `--chats` distinct chats that are logged: the learner's work, the same in every arm;
              the first one starts the freshness clock;
   quiet      no user load until an answer comes from a promoted adapter
-             (x-dynalign-adapter-version; a 1-token probe every 5 s) or `--max-minutes`:
-             freshness, and the step split with the learner alone on the machine;
+             (x-dynalign-adapter-version; a 1-token probe every 5 s) and MIN_QUIET_STEPS steps
+             are taken, or `--max-minutes`: freshness, and the step split with the learner
+             alone on the machine;
   busy       four more logged chats (two steps' work), then one client chats (not logged) for
              `--busy-minutes`; a request counts as "while stepping" when the learner's
              step_in_flight gauge read 1 at its start and its end; the steps taken meanwhile
@@ -55,6 +56,7 @@ from shared.kafka import free_port  # noqa: E402
 
 ANCHOR_REF = "ebfd62e"  # main before issue 21: its learner runs a vLLM engine of its own
 USER_PROMPT = [{"role": "user", "content": "Give me one tip for sleeping better."}]
+MIN_QUIET_STEPS = 3
 FEED = [
     "How can neighbours share tools without losing them?",
     "Explain photosynthesis to a ten-year-old.",
@@ -297,15 +299,18 @@ def run_arm(name: str, source: Path, args, work: Path) -> dict:
             chat(client, model, [{"role": "user", "content": prompt}], 64, train=True)
         result["feed_s"] = time.time() - first_chat
 
-        # Quiet: no user load while the learner steps to its first promoted adapter; a 1-token
-        # probe every 5 s asks which version answers.
+        # Quiet: no user load while the learner steps to its first promoted adapter, and on to
+        # MIN_QUIET_STEPS steps (the step split needs more than the first, which ran beside the
+        # feed); a 1-token probe every 5 s asks which version answers.
         promoted_at, versions = None, set()
         deadline = first_chat + args.max_minutes * 60
         while time.time() < deadline and process.poll() is None:
             row = chat(client, model, USER_PROMPT, 1, train=False)
             versions.add(row["version"])
-            if row["version"].isdigit():
+            if row["version"].isdigit() and promoted_at is None:
                 promoted_at = time.time()
+            steps = learner.value("dynalign_learner_steps_total") or 0
+            if promoted_at is not None and steps >= MIN_QUIET_STEPS:
                 break
             time.sleep(5)  # the probe's pace, not a synchronisation
         result["freshness_min"] = (promoted_at - first_chat) / 60 if promoted_at else None
@@ -389,6 +394,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "up.json")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dynalign-bench-up-"))
+    commit = subprocess.run(  # what the current arm runs: HEAD when the run starts
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     arms = []
     try:
         for name in args.arms.split(","):
@@ -399,9 +407,6 @@ def main() -> None:
             )
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "prune"], check=False)
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
