@@ -55,7 +55,6 @@ class ClientLimits:
         self._buckets: dict[str, _Bucket] = {}
         self.idle = asyncio.Event()  # set while no request is in flight
         self.idle.set()
-        self.idle_since = time.monotonic()  # when the last request in flight ended
 
     @property
     def in_flight(self) -> int:
@@ -100,7 +99,6 @@ class ClientLimits:
             del self._running[client]
         if not self._running:
             self.idle.set()
-            self.idle_since = time.monotonic()
 
     def _forget_idle(self, now: float) -> None:
         """A bucket that has refilled is the same as no bucket: drop those (bounded memory

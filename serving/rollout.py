@@ -14,18 +14,15 @@ every engine step with users' requests. While the learner's self-scores (prefill
 each) ran, a user's 32-token chat took the whole reward phase, 11-16 s against 1.6-2.3 s idle,
 whether 16 of them ran at once, 4 or 2, at a step budget of 4096 tokens or 1024: each of the
 user's decode steps carried a prefill chunk (bench/results/users_first_engine*.json). So
-`UsersFirst` starts a learner's request only once no user's request has been in flight for
-serving.rollout_quiet_s (or once it has waited serving.rollout_max_hold_s: a server never idle
-of users still lets the learner move), and bounds the learner's prompt tokens in flight by
-serving.rollout_prefill_tokens, so that a user arriving just after learner requests started
-waits behind ~2 prefills at most; counting tokens, not requests, leaves the gate's many short
-prompts batched (2 requests at once took its answers from 8 s to 37-43 s). The quiet window:
-a client chatting back to back leaves gaps of milliseconds, in which the learner's rollouts
-(16 sequences decoding for ~15 s) started and then doubled the user's next requests.
-
-A name is loaded once per server: the learner's weights change every step, and vLLM keys its
-prefix cache by adapter name, so a name is never reused. The request names the adapter, never
-a path: the files come from the configured directory only.
+`UsersFirst` starts a learner's request only once no user's request is in flight (or once it
+has waited serving.rollout_max_hold_s: a server never idle of users still lets the learner
+move), and bounds the learner's prompt tokens in flight by serving.rollout_prefill_tokens, so
+that a user arriving just after learner requests started waits behind ~2 prefills at most;
+counting tokens, not requests, leaves the gate's many short prompts batched (2 requests at once
+took its answers from 8 s to 37-43 s).
+A name is loaded once per server: the learner's weights
+change every step, and vLLM keys its prefix cache by adapter name, so a name is never reused.
+The request names the adapter, never a path: the files come from the configured directory only.
 """
 
 from __future__ import annotations
@@ -47,7 +44,6 @@ from fastapi.responses import JSONResponse, Response
 from serving import metrics
 from serving.adapters import unload_adapter
 from serving.deps import require_operator, server_state
-from serving.limits import ClientLimits
 from serving.routes import error_json
 from shared.chat import NotText, content_text
 from shared.registry import verify_working_adapter
@@ -88,13 +84,10 @@ class RolloutAdapters:
 class UsersFirst:
     """Turns for the learner's requests (see the module's docstring)."""
 
-    def __init__(
-        self, prefill_tokens: int, quiet_s: float, max_hold_s: float, users: ClientLimits
-    ) -> None:
+    def __init__(self, prefill_tokens: int, max_hold_s: float, users_idle: asyncio.Event) -> None:
         self.prefill_tokens = prefill_tokens
-        self.quiet_s = quiet_s
         self.max_hold_s = max_hold_s
-        self.users = users
+        self.users_idle = users_idle
         self.in_flight = 0  # prompt tokens of the learner's requests running
         self.freed = asyncio.Condition()
 
@@ -107,34 +100,17 @@ class UsersFirst:
             await self.freed.wait_for(lambda: self.in_flight + cost <= self.prefill_tokens)
             self.in_flight += cost
         try:
-            if not await self._users_quiet():
-                metrics.ROLLOUT_HOLD_EXPIRED.inc()
+            if not self.users_idle.is_set():
+                try:
+                    await asyncio.wait_for(self.users_idle.wait(), self.max_hold_s)
+                except TimeoutError:
+                    metrics.ROLLOUT_HOLD_EXPIRED.inc()
             metrics.ROLLOUT_WAIT.observe(time.perf_counter() - started)
             yield
         finally:
             async with self.freed:
                 self.in_flight -= cost
                 self.freed.notify_all()
-
-    async def _users_quiet(self) -> bool:
-        """Until no user's request has been in flight for quiet_s (a client's next request
-        comes within milliseconds of its last answer, a person's seconds later); False when
-        max_hold_s ran out first."""
-        deadline = time.monotonic() + self.max_hold_s
-        while True:
-            now, idle = time.monotonic(), self.users.idle
-            quiet_for = now - self.users.idle_since
-            if idle.is_set() and quiet_for >= self.quiet_s:
-                return True
-            if now >= deadline:
-                return False
-            if idle.is_set():  # a timer, not a poll: the quiet window's remainder
-                await asyncio.sleep(min(self.quiet_s - quiet_for, deadline - now))
-                continue
-            try:
-                await asyncio.wait_for(idle.wait(), deadline - now)
-            except TimeoutError:
-                return False
 
 
 def prompt_tokens(request: ChatCompletionRequest) -> int:

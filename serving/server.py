@@ -152,10 +152,7 @@ def create_app(
     app.state.rollout_adapters = RolloutAdapters()
     settings = cfg.serving
     app.state.rollout_turns = UsersFirst(
-        settings.rollout_prefill_tokens,
-        settings.rollout_quiet_s,
-        settings.rollout_max_hold_s,
-        app.state.dynalign.limits,
+        settings.rollout_prefill_tokens, settings.rollout_max_hold_s, app.state.dynalign.limits.idle
     )
     init_exception_handler(app)  # vLLM's: every error becomes OpenAI-style JSON, never a bare 500
     # ... except Starlette's own HTTPException (vLLM registers FastAPI's subclass), which FastAPI

@@ -95,10 +95,9 @@ class ServingConfig(Section):
     rate_limit_burst: int = Field(40, ge=1)
     max_in_flight: int = Field(256, ge=1)  # all clients; beyond it the server is saturated
     # The learner's requests on this engine (serving/rollout.py): prompts of at most this many
-    # tokens at once (0: no limit), each started only once no user's request has been in flight
-    # for rollout_quiet_s, or after waiting rollout_max_hold_s.
+    # tokens at once (0: no limit), each started only once no user's request is in flight or
+    # after waiting this long.
     rollout_prefill_tokens: int = Field(2048, ge=0)
-    rollout_quiet_s: float = Field(0.5, ge=0)
     rollout_max_hold_s: float = Field(30.0, ge=0)
     outbox_dir: Path = Path("outbox")  # unless set: in the data directory
     # The outbox's group commit: a record is fsynced together with whatever is queued behind

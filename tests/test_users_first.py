@@ -8,7 +8,6 @@ learner move on a server never idle of users."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 from prometheus_client import REGISTRY
 
@@ -35,7 +34,7 @@ async def take_turn(
 def test_a_turn_waits_for_users_in_flight_and_starts_when_the_last_one_ends():
     async def scenario():
         users = limits()
-        turns = UsersFirst(prefill_tokens=2048, quiet_s=0.0, max_hold_s=60, users=users)
+        turns = UsersFirst(prefill_tokens=2048, max_hold_s=60, users_idle=users.idle)
         first, second = users.admit("alice"), users.admit("bob")
         started, done = [], asyncio.Event()
         learner = asyncio.create_task(take_turn(turns, started, "rollout", done))
@@ -55,7 +54,7 @@ def test_a_turn_waits_for_users_in_flight_and_starts_when_the_last_one_ends():
 def test_the_learners_prompt_tokens_in_flight_stay_within_the_budget():
     async def scenario():
         # Self-scores of ~700 prompt tokens: two fit in 2048, a third waits.
-        turns = UsersFirst(prefill_tokens=2048, quiet_s=0.0, max_hold_s=60, users=limits())
+        turns = UsersFirst(prefill_tokens=2048, max_hold_s=60, users_idle=limits().idle)
         started, done = [], asyncio.Event()
         tasks = [
             asyncio.create_task(take_turn(turns, started, f"score-{i}", done)) for i in range(5)
@@ -74,7 +73,7 @@ def test_the_learners_prompt_tokens_in_flight_stay_within_the_budget():
 def test_a_hold_that_runs_out_starts_the_turn_beside_users_and_is_counted():
     async def scenario():
         users = limits()
-        turns = UsersFirst(prefill_tokens=2048, quiet_s=0.0, max_hold_s=0.05, users=users)
+        turns = UsersFirst(prefill_tokens=2048, max_hold_s=0.05, users_idle=users.idle)
         users.admit("alice")  # never released: a server never idle of users
         before = expired()
         started, done = [], asyncio.Event()
@@ -87,7 +86,7 @@ def test_a_hold_that_runs_out_starts_the_turn_beside_users_and_is_counted():
 
 def test_a_prompt_over_the_whole_budget_runs_alone_and_zero_means_no_budget():
     async def scenario():
-        turns = UsersFirst(prefill_tokens=2048, quiet_s=0.0, max_hold_s=60, users=limits())
+        turns = UsersFirst(prefill_tokens=2048, max_hold_s=60, users_idle=limits().idle)
         started, done = [], asyncio.Event()
         tasks = [
             asyncio.create_task(take_turn(turns, started, f"long-{i}", done, tokens=5000))
@@ -100,7 +99,7 @@ def test_a_prompt_over_the_whole_budget_runs_alone_and_zero_means_no_budget():
         done.set()
         await asyncio.gather(*tasks)
 
-        turns = UsersFirst(prefill_tokens=0, quiet_s=0.0, max_hold_s=60, users=limits())
+        turns = UsersFirst(prefill_tokens=0, max_hold_s=60, users_idle=limits().idle)
         started, done = [], asyncio.Event()
         tasks = [
             asyncio.create_task(take_turn(turns, started, f"score-{i}", done)) for i in range(8)
@@ -120,33 +119,6 @@ async def _until(condition) -> None:
             await asyncio.sleep(0)
 
     await asyncio.wait_for(spin(), 5)
-
-
-def test_a_turn_waits_out_the_quiet_window_after_the_last_users_request():
-    """A client chatting back to back leaves millisecond gaps: no turn starts in them."""
-
-    async def scenario():
-        users = limits()
-        turns = UsersFirst(prefill_tokens=2048, quiet_s=0.2, max_hold_s=60, users=users)
-        users.admit("alice").release()
-        ended = users.idle_since
-        started, done = [], asyncio.Event()
-        done.set()
-        await take_turn(turns, started, "rollout", done)
-        assert started == ["rollout"] and users.idle_since == ended
-        waited = time.monotonic() - ended
-        assert waited >= 0.2, waited
-
-        # A user's request inside the window starts it again.
-        users.admit("alice").release()
-        task = asyncio.create_task(take_turn(turns, started, "score", done))
-        await asyncio.sleep(0.1)  # bob's request comes inside alice's quiet window
-        users.admit("bob").release()
-        restarted = users.idle_since
-        await asyncio.wait_for(task, 5)
-        assert time.monotonic() - restarted >= 0.2
-
-    asyncio.run(scenario())
 
 
 def test_a_prompts_tokens_are_estimated_from_its_text_parts_too():
