@@ -171,8 +171,9 @@ def summary(rows: list[float]) -> dict:
     return {"requests": len(rows), "p50_s": statistics.median(rows) if rows else None}
 
 
-def main() -> None:
-    work = Path(tempfile.mkdtemp(prefix="users-first-"))
+def start_server(work: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """`dynalign serve` on SmolLM2 with no broker, an API key "bench" and the learner's
+    operator token; returns it once /health answers."""
     port = free_port()
     env = {
         **os.environ,
@@ -181,6 +182,7 @@ def main() -> None:
         "DYNALIGN_SERVING__API_KEYS": json.dumps(["bench"]),
         "DYNALIGN_SERVING__OPERATOR_TOKENS": json.dumps({"learner": TOKEN}),
         "DYNALIGN_SERVING__USER_HASH_SALT": "bench-salt",
+        **extra_env,
     }
     log = (work / "server.log").open("wb")
     server = subprocess.Popen(
@@ -191,14 +193,19 @@ def main() -> None:
         stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
+    while True:
+        assert server.poll() is None, (work / "server.log").read_text()[-3000:]
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code in (200, 503):
+                return server, base
+        except httpx.HTTPError:
+            time.sleep(1)
+
+
+def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="users-first-"))
+    server, base = start_server(work, {})
     try:
-        while True:
-            assert server.poll() is None, (work / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code in (200, 503):
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
         idle: list[float] = []
         stop = threading.Event()
         threading.Timer(40, stop.set).start()

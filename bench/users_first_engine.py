@@ -32,15 +32,14 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 from pydantic import SecretStr
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import users_first  # noqa: E402
 from bench.users_first import TOKEN, user_latencies  # noqa: E402
-from shared.kafka import free_port  # noqa: E402
 
 ARMS = {  # name -> (max_num_batched_tokens, rollout_prefill_tokens, rollout_max_hold_s)
     "priority": (4096, 0, 0.0),  # 4096: vLLM's CPU default
@@ -57,36 +56,16 @@ CONVERSATIONS = [
 
 def start_server(work: Path, arm: str) -> tuple[subprocess.Popen, str]:
     budget, prefill_tokens, hold_s = ARMS[arm]
-    port = free_port()
-    env = {
-        **os.environ,
-        "DYNALIGN_DATA_DIR": str(work / "data"),
-        "DYNALIGN_SERVING__OUTBOX_DIR": str(work / "outbox"),
-        "DYNALIGN_SERVING__API_KEYS": json.dumps(["bench"]),
-        "DYNALIGN_SERVING__OPERATOR_TOKENS": json.dumps({"learner": TOKEN}),
-        "DYNALIGN_SERVING__USER_HASH_SALT": "bench-salt",
-        "DYNALIGN_SERVING__ROLLOUT_PREFILL_TOKENS": str(prefill_tokens),
-        "DYNALIGN_SERVING__ROLLOUT_MAX_HOLD_S": str(hold_s),
-        "DYNALIGN_MODEL__ENGINE_ARGS": json.dumps(
-            {"kv_cache_memory_bytes": 2**29, "max_num_batched_tokens": budget}
-        ),
-    }
-    log = (work / "server.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "dynalign", "serve", "--port", str(port), "--kafka", "127.0.0.1:1"],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    return users_first.start_server(
+        work,
+        {
+            "DYNALIGN_SERVING__ROLLOUT_PREFILL_TOKENS": str(prefill_tokens),
+            "DYNALIGN_SERVING__ROLLOUT_MAX_HOLD_S": str(hold_s),
+            "DYNALIGN_MODEL__ENGINE_ARGS": json.dumps(
+                {"kv_cache_memory_bytes": 2**29, "max_num_batched_tokens": budget}
+            ),
+        },
     )
-    base = f"http://127.0.0.1:{port}"
-    while True:
-        assert server.poll() is None, (work / "server.log").read_text()[-3000:]
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code in (200, 503):
-                return server, base
-        except httpx.HTTPError:
-            time.sleep(1)
 
 
 def engine(work: Path, base: str):
