@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from learner.grpo import collate, training_inputs
+from learner.grpo import collate, micro_batches, training_inputs
 from learner.policy import adapters_disabled, sequence_logprobs
 from learner.rollout import Engine
 from shared.config import GateConfig
@@ -56,10 +56,13 @@ def probe_prompts(cfg: GateConfig) -> list[list[dict[str, str]]]:
 
 
 class Gate:
-    def __init__(self, cfg: GateConfig, engine: Engine, model, layers, tokenizer) -> None:
+    def __init__(
+        self, cfg: GateConfig, engine: Engine, model, layers, tokenizer, micro_batch: int
+    ) -> None:
         self.cfg = cfg
         self.engine = engine
         self.model, self.layers, self.tokenizer = model, layers, tokenizer
+        self.micro_batch = micro_batch  # answers per forward of the KL canary, as in the update
         self.probes = probe_prompts(cfg)
         if cfg.ifeval_prompts:
             from shared.ifeval import load_examples, prepare_offline_nltk
@@ -174,8 +177,11 @@ class Gate:
     @torch.no_grad()
     def _kl_to_base(self, answers) -> float:
         """Mean per-token KL(candidate || base) on the candidate's own greedy answers (k3
-        estimate, as in the loss), computed by the training model with the adapter on/off."""
+        estimate, as in the loss), computed by the training model with the adapter on/off, in
+        the update's micro-batches: all 24 CPU probes at once held [24, 49, V] float32 logits
+        twice, and the learner kept the 0.24 GiB afterwards (bench/results/up.json)."""
         from learner.grpo import kl_k3
+        from shared.process import return_freed_memory
 
         examples = [
             training_inputs(self.tokenizer, p, c.token_ids)
@@ -190,10 +196,14 @@ class Gate:
             else self.tokenizer.eos_token_id
         )
         device = next(self.model.parameters()).device
-        batch = {k: v.to(device) for k, v in collate(examples, pad).items()}
-        args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        logp = sequence_logprobs(self.model, *args)
-        with adapters_disabled(self.layers):
-            ref = sequence_logprobs(self.model, *args)
-        mask = batch["completion_mask"].bool()
-        return float(kl_k3(logp, ref)[mask].mean())
+        total, tokens = 0.0, 0
+        for rows in micro_batches(collate(examples, pad), self.micro_batch):
+            args = [rows[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask")]
+            logp = sequence_logprobs(self.model, *args)  # [b, C]
+            with adapters_disabled(self.layers):
+                ref = sequence_logprobs(self.model, *args)
+            mask = args[2].bool()
+            total += float(kl_k3(logp, ref)[mask].sum())
+            tokens += int(mask.sum())
+        return_freed_memory()  # the forwards' activations, until the next gate or update
+        return total / tokens

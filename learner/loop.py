@@ -103,7 +103,14 @@ class Learner:
         self.reward_fn = self.reward_fn or self.engine.self_scores
         t = self.trainer
         gate = (
-            Gate(self.cfg.gate, self.engine, t.model, t.layers, t.tokenizer)
+            Gate(
+                self.cfg.gate,
+                self.engine,
+                t.model,
+                t.layers,
+                t.tokenizer,
+                self.cfg.learner.micro_batch_completions,
+            )
             if self.cfg.gate.enabled
             else None
         )
