@@ -7,7 +7,11 @@ prefill and one token each). Arms, each on a fresh server, in one run:
   priority          vLLM's priority scheduling alone (main before UsersFirst)
   prefill-2048      serving/rollout.py's turns: the learner's prompt tokens in flight <= 2048
   users-first       and each request started only once no user's request is in flight (or
-                    after 30 s): `up`'s and `serve`'s defaults
+                    after 30 s): `up`'s and `serve`'s defaults until 512 was measured
+  users-first-512   the same with the learner's prompt tokens in flight <= 512: one rollout
+                    group or one self-score at a time
+  users-first-512-kv384  and 384 MiB of KV cache instead of 512 (8192 tokens, SmolLM2's
+                    context, need 360 MiB)
 Earlier runs: bench/results/users_first_engine-budget.json (a step budget,
 max_num_batched_tokens, of 1024 instead of vLLM's CPU default 4096 left the user held 13-16 s in
 the reward phase, as at 4096) and users_first_engine-slots.json (2 or 4 learner requests at
@@ -16,7 +20,8 @@ against 8 s): what holds the user is a learner prefill in every step, whatever i
 Per arm, ROUNDS rounds: users' p50 in each phase against idle, each phase's seconds, and the
 learner's phases with no user (rollout, reward, a gate's 24 greedy answers).
 
-    python bench/users_first_engine.py      # writes bench/results/users_first_engine.json
+    python bench/users_first_engine.py [ARM ...] [--out NAME]
+                                # writes bench/results/NAME.json (users_first_engine)
 """
 
 from __future__ import annotations
@@ -41,10 +46,13 @@ sys.path.insert(0, str(REPO))
 from bench import users_first  # noqa: E402
 from bench.users_first import TOKEN, user_latencies  # noqa: E402
 
-ARMS = {  # name -> (max_num_batched_tokens, rollout_prefill_tokens, rollout_max_hold_s)
-    "priority": (4096, 0, 0.0),  # 4096: vLLM's CPU default
-    "prefill-2048": (4096, 2048, 0.0),
-    "users-first": (4096, 2048, 30.0),
+# name -> (max_num_batched_tokens, rollout_prefill_tokens, rollout_max_hold_s, KV cache bytes)
+ARMS = {
+    "priority": (4096, 0, 0.0, 2**29),  # 4096: vLLM's CPU default
+    "prefill-2048": (4096, 2048, 0.0, 2**29),
+    "users-first": (4096, 2048, 30.0, 2**29),
+    "users-first-512": (4096, 512, 30.0, 2**29),
+    "users-first-512-kv384": (4096, 512, 30.0, 384 * 2**20),
 }
 ROUNDS = 2
 IDLE_S = 30.0
@@ -55,14 +63,14 @@ CONVERSATIONS = [
 
 
 def start_server(work: Path, arm: str) -> tuple[subprocess.Popen, str]:
-    budget, prefill_tokens, hold_s = ARMS[arm]
+    budget, prefill_tokens, hold_s, kv_bytes = ARMS[arm]
     return users_first.start_server(
         work,
         {
             "DYNALIGN_SERVING__ROLLOUT_PREFILL_TOKENS": str(prefill_tokens),
             "DYNALIGN_SERVING__ROLLOUT_MAX_HOLD_S": str(hold_s),
             "DYNALIGN_MODEL__ENGINE_ARGS": json.dumps(
-                {"kv_cache_memory_bytes": 2**29, "max_num_batched_tokens": budget}
+                {"kv_cache_memory_bytes": kv_bytes, "max_num_batched_tokens": budget}
             ),
         },
     )
@@ -159,6 +167,7 @@ def measure(arm: str) -> dict:
             "max_num_batched_tokens": ARMS[arm][0],
             "rollout_prefill_tokens": ARMS[arm][1],
             "rollout_max_hold_s": ARMS[arm][2],
+            "kv_cache_bytes": ARMS[arm][3],
             "idle_users_p50_s": idle_p50,
             "idle_users": len(idle),
             "rounds": rounds,
@@ -172,15 +181,23 @@ def measure(arm: str) -> dict:
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("arms", nargs="*", default=list(ARMS), help=", ".join(ARMS))
+    parser.add_argument("--out", default="users_first_engine")
+    args = parser.parse_args()
+    if unknown := set(args.arms) - set(ARMS):
+        parser.error(f"no arm {', '.join(sorted(unknown))}")
     results = {
         "benchmark": "users_first_engine",
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
         ).stdout.strip(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "arms": [measure(arm) for arm in ARMS],
+        "arms": [measure(arm) for arm in args.arms],
     }
-    out = REPO / "bench" / "results" / "users_first_engine.json"
+    out = REPO / "bench" / "results" / f"{args.out}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(out)
 
