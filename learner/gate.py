@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from learner.grpo import collate, micro_batches, training_inputs
+from learner.grpo import collate, kl_k3, micro_batches, training_inputs
 from learner.policy import adapters_disabled, sequence_logprobs
 from learner.rollout import Engine
 from shared.config import GateConfig
@@ -35,6 +35,7 @@ from shared.judge import (
     parse_target,
     summarize_pairwise,
 )
+from shared.process import return_freed_memory
 
 
 def score_outcome(ci_low: float, ci_high: float, margin: float) -> GateOutcome:
@@ -180,9 +181,6 @@ class Gate:
         estimate, as in the loss), computed by the training model with the adapter on/off, in
         the update's micro-batches: all 24 CPU probes at once held [24, 49, V] float32 logits
         twice, and the learner kept the 0.24 GiB afterwards (bench/results/up.json)."""
-        from learner.grpo import kl_k3
-        from shared.process import return_freed_memory
-
         examples = [
             training_inputs(self.tokenizer, p, c.token_ids)
             for p, c in zip(self.probes, answers, strict=True)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from learner.gate import Gate
-from learner.grpo import kl_k3
-from learner.policy import adapters_disabled
+from learner.grpo import collate, kl_k3, training_inputs
+from learner.policy import adapters_disabled, sequence_logprobs
 from learner.rollout import Completion
 from learner.trainer import Trainer
 from shared.config import GateConfig, LearnerConfig
@@ -36,9 +36,6 @@ def answers(trainer: Trainer, probes) -> list[Completion]:
 
 def whole_batch_kl(trainer: Trainer, gate: Gate, completions) -> float:
     """The definition, unbatched: every answer's tokens scored alone."""
-    from learner.grpo import collate, training_inputs
-    from learner.policy import sequence_logprobs
-
     pad = trainer.tokenizer.eos_token_id
     total, tokens = 0.0, 0
     for probe, completion in zip(gate.probes, completions, strict=True):
