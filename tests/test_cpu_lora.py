@@ -34,6 +34,35 @@ def test_grouped_products_equal_per_token_ones(indices):
     torch.testing.assert_close(padded, expected[:, :3])
 
 
+def test_prefill_ops_expand_sequences_to_tokens():
+    """The sgmv_* ops (vLLM's CPU backend calls them in every step) take one adapter slot per
+    sequence and its length: the products are the per-token ones of the expanded slots."""
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(6, 5, generator=g), torch.randn(2, 1, 3, 5, generator=g)
+    slots, lens = torch.tensor([1, -1, 0]), torch.tensor([3, 1, 2])
+    expected = _per_token(x, w.squeeze(1), torch.tensor([1, 1, 1, -1, 0, 0]))
+    metadata = (torch.tensor([0, 3, 4]), lens, slots, 3, 3, 6)
+    shrunk = torch.full((6, 3), 7.0)
+    cpu_lora.sgmv_shrink(x, w, shrunk, *metadata, 2.0)
+    torch.testing.assert_close(shrunk, 2 * expected)
+    wide = torch.ones(6, 5)
+    cpu_lora.sgmv_expand_slice(x, w, wide, *metadata, 1, 3, True)
+    torch.testing.assert_close(wide[:, 1:4], 1 + expected)
+
+
+def test_a_refilled_index_buffer_is_grouped_anew_after_new_step():
+    """The grouping is kept per step: vLLM refills its index buffers in place when it takes a
+    new batch's mapping, and the wrapper's update_metadata calls new_step."""
+    x, w = torch.ones(2, 2), torch.stack([torch.eye(2), 2 * torch.eye(2)])
+    buffer = torch.tensor([0, 0])
+    torch.testing.assert_close(cpu_lora.lora_matmul(x, w, buffer, torch.float32), x)
+    buffer.copy_(torch.tensor([1, -1]))
+    cpu_lora.new_step()
+    torch.testing.assert_close(
+        cpu_lora.lora_matmul(x, w, buffer, torch.float32), torch.tensor([[2.0, 2.0], [0, 0]])
+    )
+
+
 def _prompt_logprobs(output) -> list[float]:
     return [next(iter(d.values())).logprob for d in output.prompt_logprobs[1:]]
 
@@ -83,5 +112,17 @@ def test_engine_runs_the_grouped_ops_and_matches_peft(tiny_model, tmp_path):
             torch.tensor(_prompt_logprobs(without)), base_logprobs, atol=2e-4, rtol=0
         )
         assert (peft_logprobs - base_logprobs).abs().max() > 0.1  # the adapter matters
+
+        # Decoding, batches change mapping step by step (a step's grouping is kept until the
+        # next mapping): each request decodes what it decodes alone, the order swapped.
+        greedy = SamplingParams(max_tokens=12, temperature=0.0)
+        prompt = [{"prompt_token_ids": list(range(300, 340))}]
+        alone = [
+            llm.generate(prompt, greedy, lora_request=r, use_tqdm=False)[0].outputs[0].token_ids
+            for r in (adapter, None)
+        ]
+        together = llm.generate(prompt * 2, greedy, lora_request=[adapter, None], use_tqdm=False)
+        assert [list(o.outputs[0].token_ids) for o in together] == [list(a) for a in alone]
+        assert alone[0] != alone[1]
     finally:
         llm.llm_engine.engine_core.shutdown()
