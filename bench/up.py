@@ -18,6 +18,9 @@ cores two trees at once would measure each other. Per arm:
              (x-dynalign-adapter-version; a 1-token probe every 5 s) and MIN_QUIET_STEPS steps
              are taken, or `--max-minutes`: freshness, and the step split with the learner
              alone on the machine;
+  idle on the adapter  the learner paused (an operator's pause-learning) once its step is
+             done, `--idle-requests` chats again, now answered by the promoted adapter: users'
+             baseline on what serves them (a LoRA costs a CPU decode step more); then resume;
   busy       four more logged chats (two steps' work), then one client chats (not logged) for
              `--busy-minutes`; a request counts as "while stepping" when the learner's
              step_in_flight gauge read 1 at its start and its end; the steps taken meanwhile
@@ -57,6 +60,7 @@ from shared.kafka import free_port  # noqa: E402
 ANCHOR_REF = "ebfd62e"  # main before issue 21: its learner runs a vLLM engine of its own
 USER_PROMPT = [{"role": "user", "content": "Give me one tip for sleeping better."}]
 MIN_QUIET_STEPS = 3
+OPERATOR_TOKEN = "bench-up-operator-token"  # pauses the learner for the idle-on-adapter phase
 FEED = [
     "How can neighbours share tools without losing them?",
     "Explain photosynthesis to a ten-year-old.",
@@ -241,6 +245,7 @@ def run_arm(name: str, source: Path, args, work: Path) -> dict:
     env = {
         **os.environ,
         "DYNALIGN_LEARNER__METRICS_PORT": str(metrics_port),
+        "DYNALIGN_SERVING__OPERATOR_TOKENS": json.dumps({"bench": OPERATOR_TOKEN}),
         "PYTHONUNBUFFERED": "1",
     }
     env.pop("OMP_NUM_THREADS", None)
@@ -317,6 +322,25 @@ def run_arm(name: str, source: Path, args, work: Path) -> dict:
         result["served_versions"] = sorted(versions)
         result["quiet_steps"] = learner.value("dynalign_learner_steps_total")
 
+        # Idle on the adapter: users' baseline once an adapter serves them (on the CPU a LoRA
+        # costs a decode step more than the bare model), with the learner paused by an
+        # operator once its step in flight is done; then it resumes.
+        admin = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+        client.post("/admin/learning/pause", json={"reason": "bench"}, headers=admin)
+        paused = time.time()
+        while learner.value("dynalign_learner_step_in_flight") != 0:
+            if time.time() - paused > 600:
+                raise RuntimeError(f"{name}: the learner's step did not end in 600 s")
+            time.sleep(1.0)
+        idle_live = [
+            chat(client, model, USER_PROMPT, 32, train=False) for _ in range(args.idle_requests)
+        ]
+        result["users_idle_on_adapter"] = {
+            **users_summary(idle_live),
+            "versions": sorted({r["version"] for r in idle_live}),
+        }
+        client.post("/admin/learning/resume", json={"reason": "bench"}, headers=admin)
+
         # Busy: more logged chats give the learner work; then one client chats throughout
         # (not logged) for --busy-minutes, and a request counts while the learner steps.
         for prompt in BUSY_FEED:
@@ -334,6 +358,10 @@ def run_arm(name: str, source: Path, args, work: Path) -> dict:
         )
         idle_p50, step_p50 = result["users_idle"]["p50_s"], result["users_stepping"]["p50_s"]
         result["p50_stepping_over_idle"] = step_p50 / idle_p50 if step_p50 and idle_p50 else None
+        live_p50 = result["users_idle_on_adapter"]["p50_s"]
+        result["p50_stepping_over_idle_on_adapter"] = (
+            step_p50 / live_p50 if step_p50 and live_p50 else None
+        )
     finally:
         stop.set()
         pids = {process.pid}

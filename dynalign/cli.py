@@ -257,7 +257,10 @@ def _spawn_learner(
 # alone), 11.3 s at 0; the update then waits for gaps between users' requests, and runs at full
 # speed in them (bench/results/users_first.json).
 UP_LEARNER_NICENESS = 19
-UP_KV_CACHE_BYTES = 2**29
+# 384 MiB holds SmolLM2's whole context (8192 tokens need 360 MiB) and is what `up`'s users and
+# learner use at once (~16 sequences of <= 450 tokens); 512 kept 0.13 GiB more in the engine
+# core (bench/results/users_first_engine-512.json).
+UP_KV_CACHE_BYTES = 384 * 2**20
 
 
 def _learner_beside_users() -> None:
@@ -308,8 +311,7 @@ def up(
     if cfg.serving.user_hash_salt is None:
         cfg.serving.user_hash_salt = _kept_secret(cfg, "user_hash_salt")
     if not has_gpu():
-        # One machine's demo: 0.5 GiB of KV cache (11k tokens of SmolLM2 in float32) holds a
-        # step's 16 rollouts beside a few users, and is half the CPU default's memory.
+        # One machine's demo: UP_KV_CACHE_BYTES, not the CPU default's 1 GiB.
         cfg.model.engine_args.setdefault("kv_cache_memory_bytes", UP_KV_CACHE_BYTES)
     # The learner rolls out on this server, through the operator-only rollout routes.
     cfg.serving.operator_tokens.setdefault("learner", _kept_secret(cfg, "learner_token"))

@@ -96,8 +96,11 @@ class ServingConfig(Section):
     max_in_flight: int = Field(256, ge=1)  # all clients; beyond it the server is saturated
     # The learner's requests on this engine (serving/rollout.py): prompts of at most this many
     # tokens at once (0: no limit), each started only once no user's request is in flight or
-    # after waiting this long.
-    rollout_prefill_tokens: int = Field(2048, ge=0)
+    # after waiting this long. 512: one rollout group or one self-score at a time; a user's p50
+    # beside the self-scores 1.1-1.25x idle against 2.6x at 2048, for a reward phase of 40 s
+    # beside that user against 19 and a gate's answers 14 s against 9 with no user
+    # (bench/results/users_first_engine-512.json; `up` whole: bench/results/up.json).
+    rollout_prefill_tokens: int = Field(512, ge=0)
     rollout_max_hold_s: float = Field(30.0, ge=0)
     outbox_dir: Path = Path("outbox")  # unless set: in the data directory
     # The outbox's group commit: a record is fsynced together with whatever is queued behind
