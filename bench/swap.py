@@ -46,7 +46,7 @@ def main() -> None:
 
     import subprocess
 
-    from shared.engine import resolve_model_path
+    from shared.models import resolve_model_path
 
     model_dir = Path(resolve_model_path(ModelConfig(path=args.model)))
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:

@@ -200,7 +200,7 @@ def promote(
     ] = False,
 ):
     """Make VERSION live (after checking it can be served)."""
-    from shared.engine import resolve_model_path
+    from shared.models import resolve_model_path
     from shared.registry import base_fingerprint
 
     cfg, lifecycle = _setup(config, store, kafka)

@@ -85,7 +85,7 @@ class Learner:
         self.engine: Engine | None = None
 
     def setup(self) -> Learner:
-        from shared.engine import resolve_model_path
+        from shared.models import resolve_model_path
 
         lc = self.cfg.learner
         self._workdir_lock = lock_directory(self.workdir, "the learner workdir")

@@ -63,7 +63,7 @@ class ServedEngine(Engine):
     def __init__(self, cfg: DynalignConfig, workdir: Path) -> None:
         from transformers import AutoTokenizer
 
-        from shared.engine import resolve_model_path
+        from shared.models import resolve_model_path
 
         lc = cfg.learner
         self.endpoints = [url.rstrip("/") for url in lc.rollout_endpoints]

@@ -18,6 +18,7 @@ from argparse import Namespace
 from typing import Any
 
 from shared.config import ModelConfig, ServingConfig
+from shared.models import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +80,6 @@ def use_learner_threads() -> None:
     """The learner's OpenMP settings, where not set already."""
     os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     os.environ.setdefault("GOMP_SPINCOUNT", LEARNER_SPINCOUNT)
-
-
-def resolve_model_path(cfg: ModelConfig) -> str:
-    if cfg.path:
-        return cfg.path
-    from shared.assets import smollm2_dir
-
-    return str(smollm2_dir())
 
 
 def engine_kwargs(cfg: ModelConfig, max_loras: int | None = None) -> dict:
