@@ -144,56 +144,20 @@ def bgmv_expand_slice(
 # prefill is marked one), with per-sequence indices it expands to tokens in each call.
 
 
-def sgmv_shrink(
-    inputs,
-    lora_a_weights,
-    output_tensor,
-    b_seq_start_loc,
-    seq_len_tensor,
-    lora_indices_tensor,
-    batches,
-    max_seq_length,
-    token_nums,
-    scaling,
-):
-    indices = token_indices(lora_indices_tensor, seq_len_tensor)
-    bgmv_shrink(inputs, lora_a_weights, output_tensor, indices, scaling)
+def _per_sequence(op, name: str):
+    """vLLM's sgmv_<op>: bgmv_<op>'s arguments, with the token indices given per sequence as
+    (b_seq_start_loc, seq_len_tensor, lora_indices_tensor, batches, max_seq_length, token_nums)."""
+
+    def sgmv(inputs, weights, output, _starts, seq_lens, lora_indices, _b, _m, _t, *rest, **kw):
+        op(inputs, weights, output, token_indices(lora_indices, seq_lens), *rest, **kw)
+
+    sgmv.__name__ = name
+    return sgmv
 
 
-def sgmv_expand(
-    inputs,
-    lora_b_weights,
-    output_tensor,
-    b_seq_start_loc,
-    seq_len_tensor,
-    lora_indices_tensor,
-    batches,
-    max_seq_length,
-    token_nums,
-    add_inputs=False,
-):
-    indices = token_indices(lora_indices_tensor, seq_len_tensor)
-    bgmv_expand(inputs, lora_b_weights, output_tensor, indices, add_inputs)
-
-
-def sgmv_expand_slice(
-    inputs,
-    lora_b_weights,
-    output_tensor,
-    b_seq_start_loc,
-    seq_len_tensor,
-    lora_indices_tensor,
-    batches,
-    max_seq_length,
-    token_nums,
-    slice_offset,
-    slice_size,
-    add_inputs=False,
-):
-    indices = token_indices(lora_indices_tensor, seq_len_tensor)
-    bgmv_expand_slice(
-        inputs, lora_b_weights, output_tensor, indices, slice_offset, slice_size, add_inputs
-    )
+sgmv_shrink = _per_sequence(bgmv_shrink, "sgmv_shrink")
+sgmv_expand = _per_sequence(bgmv_expand, "sgmv_expand")
+sgmv_expand_slice = _per_sequence(bgmv_expand_slice, "sgmv_expand_slice")
 
 
 OPS = (bgmv_shrink, bgmv_expand, bgmv_expand_slice, sgmv_shrink, sgmv_expand, sgmv_expand_slice)
